@@ -1,0 +1,206 @@
+"""``optimize``: load, fuse every decomposed norm, raise the opset when exact, check, report.
+
+The result is always valid ONNX: a default-domain ``LayerNormalization`` is only
+emitted into a model whose opset is (or can exactly be raised to) 17, an
+``RMSNormalization`` only at 23; the output must pass
+``onnx.checker.check_model(full_check=True)`` or the original model is returned
+unchanged with the reason in the report. A model in which nothing was rewritten
+is returned as the very same ``ModelProto``, so optimizing twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import onnx
+
+from lnfuse import opset as opset_mod
+from lnfuse.errors import InputError
+from lnfuse.graph import ModelGraph
+from lnfuse.pipeline import PassContext
+from lnfuse.report import Group, Report
+
+MIN_SUPPORTED_OPSET = 7
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model, whether it changed, and the report."""
+
+    model: onnx.ModelProto
+    report: Report
+    changed: bool
+
+
+def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, model_or_path.graph.name or "<model>"
+    from lnfuse import io as lio
+
+    model = lio.load_model(model_or_path)
+    return model, os.fspath(model_or_path)
+
+
+def optimize(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    rmsnorm: bool = False,
+    hoist: bool = True,
+    verify: bool = True,
+    allow_transpose: bool = True,
+    target_opset: int | None = None,
+    check_output: bool = True,
+    passes: tuple | None = None,
+) -> OptimizeResult:
+    """Fuse decomposed LayerNorm (and, with ``rmsnorm=True``, RMSNorm) in ``model``.
+
+    ``model`` is a ``ModelProto`` (not modified) or a path. ``verify`` runs the
+    per-match numeric proof on ONNX Runtime (CPU, tiny tensors). ``target_opset``
+    raises the default opset to at least that version (exactly, or not at all).
+    Returns an :class:`OptimizeResult`; raises :class:`~lnfuse.errors.InputError`
+    for unusable input.
+    """
+    t0 = time.perf_counter()
+    proto, source = _load(model)
+    report = Report(source=source)
+    old = opset_mod.default_opset(proto)
+    report.opset_before = report.opset_after = old
+    if old is not None and (old < MIN_SUPPORTED_OPSET or old > opset_mod.max_supported_opset()):
+        raise InputError(
+            f"{source}: unsupported opset {old} (supported: {MIN_SUPPORTED_OPSET}..{opset_mod.max_supported_opset()})"
+        )
+    if not proto.HasField("graph"):
+        raise InputError(f"{source}: model has no graph")
+    from lnfuse import io as lio
+
+    lio.validate_structure(proto)
+    t_load = time.perf_counter()
+
+    try:
+        mg = ModelGraph(proto)
+    except Exception as err:  # onnx-graphsurgeon refuses some malformed graphs
+        raise InputError(f"{source}: cannot import graph: {str(err).splitlines()[0][:200]}") from None
+    report.nodes_before = report.nodes_after = mg.node_count()
+    t_import = time.perf_counter()
+
+    # Which fused ops may be emitted at all (opset raising is decided up front).
+    base = max(old or 0, target_opset or 0)
+    emit_ok: dict[str, str | None] = {}
+    for op, need in (("LayerNormalization", 17), ("RMSNormalization", 23)):
+        if op == "RMSNormalization" and not rmsnorm:
+            continue
+        want = max(base, need)
+        emit_ok[op] = None if (old is not None and old >= want) else opset_mod.plan(proto, want)
+    if target_opset is not None and old is not None and target_opset > old:
+        why = opset_mod.plan(proto, target_opset)
+        if why is not None:
+            raise InputError(f"{source}: cannot raise opset {old} -> {target_opset} exactly: {why}")
+
+    from lnfuse.passes import DEFAULT_PASSES
+
+    ctx = PassContext(report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose)
+    ctx.emit_ok = emit_ok
+    if verify:
+        from lnfuse.verify import Prover
+
+        ctx.prover = Prover(max(old or 17, 17))
+    modified = False
+    for pass_cls in passes if passes is not None else DEFAULT_PASSES:
+        p = pass_cls()
+        if not p.enabled(ctx):
+            continue
+        report.passes.append(p.name)
+        t_p = time.perf_counter()
+        _mg, changed = p(mg, ctx)
+        report.timings[f"pass:{p.name}"] = time.perf_counter() - t_p
+        modified = modified or changed
+    if ctx.prover is not None:
+        report.proofs_run = ctx.prover.proofs_run  # type: ignore[attr-defined]
+    for op, why in emit_ok.items():
+        if why is not None and any(m.op == op for m in report.found_not_rewritten):
+            report.opset_note = f"{op} needs opset {17 if op == 'LayerNormalization' else 23}; not raised: {why}"
+    report.groups = _groups(report)
+    t_match = time.perf_counter()
+
+    if not modified and (target_opset is None or (old or 0) >= target_opset):
+        report.timings.update(load=t_load - t0, import_=t_import - t_load, match=t_match - t_import)
+        return OptimizeResult(model=proto, report=report, changed=False)
+
+    out = mg.export()
+    need = max([17 if any(m.op == "LayerNormalization" for m in report.matches) else 0]
+               + [23 if any(m.op == "RMSNormalization" for m in report.matches) else 0]
+               + [target_opset or 0])
+    if need and (old is None or old < need):
+        why = opset_mod.raise_opset(out, need, frozenset(m.op for m in report.matches))
+        if why is not None:  # plan() said yes; a disagreement here is a bug: stay safe
+            report.opset_note = f"opset not raised ({why}); model left unchanged"
+            report.matches.clear()
+            return OptimizeResult(model=proto, report=report, changed=False)
+    report.opset_after = opset_mod.default_opset(out)
+    t_export = time.perf_counter()
+
+    if check_output:
+        from lnfuse import io as lio
+
+        problem = lio.checker_problem(out)
+        if problem is not None and lio.checker_problem(proto) is None:
+            report.warnings.append(f"internal error: the rewritten model failed onnx.checker ({problem}); model left unchanged")
+            report.matches.clear()
+            report.opset_after = old
+            return OptimizeResult(model=proto, report=report, changed=False)
+    report.nodes_after = sum(1 for _ in _all_nodes(out.graph))
+    report.changed = True
+    report.timings.update(
+        load=t_load - t0,
+        import_=t_import - t_load,
+        match=t_match - t_import,
+        export=t_export - t_match,
+        check=time.perf_counter() - t_export,
+    )
+    return OptimizeResult(model=out, report=report, changed=True)
+
+
+def _all_nodes(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+
+
+def _groups(report: Report) -> list[Group]:
+    """Group matches that share scale, bias and epsilon in one graph: per-time-step norms of a recurrence."""
+    buckets: dict[tuple, list] = {}
+    for m in report.matches:
+        if m.scale is None:
+            continue
+        key = (m.graph, m.op, m.scale, m.bias, m.epsilon, m.normalized_shape)
+        buckets.setdefault(key, []).append(m)
+    shared = {k: v for k, v in buckets.items() if len(v) > 1}
+    if not shared:
+        return []
+    # Steps = the common count; norms per step = how many distinct parameter sets share that count.
+    by_graph: dict[tuple[str, int], list] = {}
+    for (graph, *_), ms in shared.items():
+        by_graph.setdefault((graph, len(ms)), []).append(ms)
+    groups: list[Group] = []
+    for (graph, steps), sets in by_graph.items():
+        per_step = len(sets)
+        kind = {3: "LN-LSTM-like", 2: "LN-GRU/RNN-like"}.get(per_step, "recurrent")
+        outputs = tuple(m.output for ms in sets for m in ms)
+        groups.append(
+            Group(
+                description=f"{kind} recurrence in {graph}: {per_step} LN(s) per step x T={steps} steps, gain/bias shared",
+                count=per_step * steps,
+                graph=graph,
+                outputs=outputs,
+            )
+        )
+    return groups

@@ -1,0 +1,594 @@
+"""Numeric-equivalence gate: run an original and a candidate model on the same inputs.
+
+Both models run on the same execution provider at the same graph-optimization level
+(``disable`` by default, so ONNX Runtime's own fusions cannot hide a bug) with the same
+seeded inputs, for ``runs`` seeds plus one large-magnitude run. Outputs are matched by
+name; each element passes when::
+
+    |candidate - original| <= atol + rtol * |original|
+
+with per-dtype defaults (:data:`DEFAULT_TOLERANCES`); integer and bool outputs must match
+exactly. Non-finite values: NaN vs NaN and the same infinity vs itself are equal; NaN/Inf
+in the candidate where the original is finite is always a failure; NaN/Inf in the original
+where the candidate is finite is a failure unless ``allow_fixed_overflow`` (then it is
+reported as a fixed overflow).
+
+Reported per output and run: max abs error, max rel error (``|a-b| / max(|ref|, tiny)``
+element-wise, ``tiny`` the dtype's smallest normal number), and the worst index (the
+element with the largest ``|a-b| / (atol + rtol*|ref|)``, or the first non-finite
+mismatch if there is one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from lnfuse.errors import InputError
+from lnfuse.runtime import (
+    LEVELS,
+    ModelLike,
+    graph_input_specs,
+    load_inputs_npz,
+    load_model_proto,
+    make_session,
+    select_provider,
+    session_feeds,
+    synthesize_inputs,
+    validate_feeds,
+)
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "CheckResult",
+    "OutputComparison",
+    "assert_equivalent",
+    "check",
+    "compare_arrays",
+    "tolerances_for",
+]
+
+#: (rtol, atol) by output dtype name.
+#:
+#: * float32: ~80 ulp at magnitude 1, so re-association inside a fused kernel passes
+#:   while a wrong epsilon, axis, sign or affine parameter does not.
+#: * float16 (11 significant bits, ulp 2**-10 at [1, 2)): 1e-2 + 1e-2*|ref| is 0.02-0.04
+#:   for LayerNorm outputs of magnitude 1-3, i.e. roughly 10-20 ulp; a decomposed fp16
+#:   chain and a fused kernel with an fp32 stash differ by a few ulp.
+#: * bfloat16 (8 significant bits, ulp 2**-7 at [1, 2)): 1e-2 would be about one ulp, so
+#:   the default is 2e-2 + 2e-2*|ref| (about 5 ulp at magnitude 1-2).
+#: * float64: 1e-9.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-9),
+    "float32": (1e-5, 1e-5),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (2e-2, 2e-2),
+}
+
+# Scale of the large-magnitude run by the widest-risk float input dtype.
+_LARGE_SCALE = {"float16": 300.0, "float32": 1000.0, "float64": 1000.0}
+_CHUNK = 1 << 22  # elements compared at a time (bounds float64 temporaries)
+
+InputsLike = Union[Mapping[str, np.ndarray], str, "os.PathLike[str]", None]
+
+
+def tolerances_for(dtype: Any, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+    """(rtol, atol) for an output of ``dtype``; explicit values override the defaults.
+
+    Integer, bool and other non-float dtypes compare exactly: (0.0, 0.0).
+    """
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DEFAULT_TOLERANCES:
+        return 0.0, 0.0
+    d_rtol, d_atol = DEFAULT_TOLERANCES[name]
+    return (d_rtol if rtol is None else float(rtol)), (d_atol if atol is None else float(atol))
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output of one run: how far the candidate is from the original."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    worst_index: tuple[int, ...] | None
+    ok: bool
+    reason: str
+    run_label: str = ""
+    mismatched: int = 0
+    total: int = 0
+    fixed_overflow: int = 0
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run": self.run_label,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "max_abs": _json_float(self.max_abs),
+            "max_rel": _json_float(self.max_rel),
+            "worst_index": None if self.worst_index is None else list(self.worst_index),
+            "ok": self.ok,
+            "reason": self.reason,
+            "mismatched": self.mismatched,
+            "total": self.total,
+            "fixed_overflow": self.fixed_overflow,
+            "rtol": self.rtol,
+            "atol": self.atol,
+        }
+
+    def describe(self) -> str:
+        """One line naming the output, the run, the errors and the worst index."""
+        where = "" if self.worst_index is None else f" at index {self.worst_index}"
+        run = f" (run {self.run_label})" if self.run_label else ""
+        return (
+            f"output '{self.name}'{run}: max abs err {_fmt(self.max_abs)}, max rel err {_fmt(self.max_rel)}"
+            f"{where}: {self.reason}"
+        )
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+
+
+def _failure(name: str, reason: str, run_label: str, ref: np.ndarray | None = None) -> OutputComparison:
+    dtype = "" if ref is None else str(ref.dtype)
+    shape = () if ref is None else tuple(int(s) for s in ref.shape)
+    return OutputComparison(name, dtype, shape, math.nan, math.nan, None, False, reason, run_label)
+
+
+def compare_arrays(
+    name: str,
+    ref: Any,
+    got: Any,
+    rtol: float | None = None,
+    atol: float | None = None,
+    allow_fixed_overflow: bool = False,
+    run_label: str = "",
+) -> OutputComparison:
+    """Compare candidate output ``got`` with original output ``ref`` (see module doc).
+
+    ``rtol``/``atol`` of ``None`` take the per-dtype defaults.
+    """
+    ref = np.asarray(ref)
+    got = np.asarray(got)
+    shape = tuple(int(s) for s in ref.shape)
+    if ref.dtype != got.dtype:
+        return _failure(name, f"dtype differs: original {ref.dtype}, candidate {got.dtype}", run_label, ref)
+    if ref.shape != got.shape:
+        return _failure(
+            name, f"shape differs: original {shape}, candidate {tuple(got.shape)}", run_label, ref
+        )
+    r_tol, a_tol = tolerances_for(ref.dtype, rtol, atol)
+    total = int(ref.size)
+    if np.issubdtype(ref.dtype, np.floating) or ref.dtype.name == "bfloat16":
+        return _compare_float(name, ref, got, r_tol, a_tol, allow_fixed_overflow, run_label)
+    return _compare_exact(name, ref, got, run_label, total)
+
+
+def _compare_exact(
+    name: str, ref: np.ndarray, got: np.ndarray, run_label: str, total: int
+) -> OutputComparison:
+    shape = tuple(int(s) for s in ref.shape)
+    if ref.dtype.kind in "biu":
+        a = ref.astype(np.float64)
+        b = got.astype(np.float64)
+        neq = ref != got
+        diff = np.abs(a - b)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        rel = diff / np.maximum(np.abs(a), 1.0)
+        max_rel = float(rel.max()) if rel.size else 0.0
+    else:
+        neq = ref != got
+        max_abs = max_rel = float(bool(np.any(neq)))
+        diff = neq.astype(np.float64)
+    bad = int(np.count_nonzero(neq))
+    worst = None
+    if bad:
+        worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(neq, diff, -1.0))), ref.shape))
+        reason = f"{bad} of {total} elements differ (exact match required for {ref.dtype})"
+    else:
+        reason = "ok"
+    return OutputComparison(
+        name,
+        str(ref.dtype),
+        shape,
+        max_abs,
+        max_rel,
+        worst,
+        bad == 0,
+        reason,
+        run_label,
+        bad,
+        total,
+        0,
+        0.0,
+        0.0,
+    )
+
+
+def _compare_float(
+    name: str,
+    ref: np.ndarray,
+    got: np.ndarray,
+    rtol: float,
+    atol: float,
+    allow_fixed_overflow: bool,
+    run_label: str,
+) -> OutputComparison:
+    shape = tuple(int(s) for s in ref.shape)
+    total = int(ref.size)
+    try:
+        tiny = float(np.finfo(ref.dtype).tiny)
+    except Exception:
+        tiny = float(np.finfo(np.float32).tiny)
+    flat_a = ref.reshape(-1)
+    flat_b = got.reshape(-1)
+    max_abs = 0.0
+    max_rel = 0.0
+    worst_ratio = -1.0
+    worst_flat: int | None = None
+    first_nonfinite: int | None = None
+    n_tol = n_cand_bad = n_orig_bad = n_both_bad = 0
+    for start in range(0, total, _CHUNK):
+        a = flat_a[start : start + _CHUNK].astype(np.float64)
+        b = flat_b[start : start + _CHUNK].astype(np.float64)
+        fin_a = np.isfinite(a)
+        fin_b = np.isfinite(b)
+        both = fin_a & fin_b
+        with np.errstate(invalid="ignore", over="ignore"):
+            same_nonfinite = ~fin_a & ~fin_b & ((np.isnan(a) & np.isnan(b)) | (a == b))
+        cand_bad = fin_a & ~fin_b
+        orig_bad = ~fin_a & fin_b
+        both_bad = ~fin_a & ~fin_b & ~same_nonfinite
+        n_cand_bad += int(np.count_nonzero(cand_bad))
+        n_orig_bad += int(np.count_nonzero(orig_bad))
+        n_both_bad += int(np.count_nonzero(both_bad))
+        hard = cand_bad | both_bad
+        if not allow_fixed_overflow:
+            hard = hard | orig_bad
+        if first_nonfinite is None and hard.any():
+            first_nonfinite = start + int(np.argmax(hard))
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(both, np.abs(np.where(both, a, 0.0) - np.where(both, b, 0.0)), 0.0)
+        absa = np.abs(np.where(both, a, 0.0))
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float((diff / np.maximum(absa, tiny)).max()))
+            tol = atol + rtol * absa
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(tol > 0, diff / np.where(tol > 0, tol, 1.0), np.where(diff > 0, np.inf, 0.0))
+            ratio = np.where(both, ratio, -1.0)
+            n_tol += int(np.count_nonzero(ratio > 1.0))
+            idx = int(np.argmax(ratio))
+            if ratio[idx] > worst_ratio:
+                worst_ratio = float(ratio[idx])
+                worst_flat = start + idx
+    fixed = n_orig_bad if allow_fixed_overflow else 0
+    bad = n_tol + n_cand_bad + n_both_bad + (0 if allow_fixed_overflow else n_orig_bad)
+    reasons = []
+    if n_cand_bad:
+        reasons.append(f"candidate has NaN/Inf where the original is finite ({n_cand_bad} elements)")
+    if n_both_bad:
+        reasons.append(f"NaN/Inf values differ ({n_both_bad} elements)")
+    if n_orig_bad and not allow_fixed_overflow:
+        reasons.append(
+            f"original has NaN/Inf where the candidate is finite ({n_orig_bad} elements; "
+            "use --allow-fixed-overflow to accept)"
+        )
+    if n_tol:
+        reasons.append(f"{n_tol} of {total} elements exceed atol={atol:g} + rtol={rtol:g}*|ref|")
+    if reasons:
+        reason = "; ".join(reasons)
+    elif fixed:
+        reason = (
+            f"ok; fixed overflow: {fixed} elements non-finite in the original are finite in the candidate"
+        )
+    else:
+        reason = "ok"
+    flat_worst = first_nonfinite if first_nonfinite is not None else worst_flat
+    worst = (
+        None
+        if flat_worst is None or total == 0
+        else tuple(int(i) for i in np.unravel_index(flat_worst, ref.shape))
+    )
+    return OutputComparison(
+        name,
+        str(ref.dtype),
+        shape,
+        max_abs,
+        max_rel,
+        worst,
+        bad == 0,
+        reason,
+        run_label,
+        bad,
+        total,
+        fixed,
+        rtol,
+        atol,
+    )
+
+
+# --------------------------------------------------------------------------- check
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of :func:`check`: every output of every run, and the verdict."""
+
+    ok: bool
+    provider: str
+    provider_reason: str
+    level: str
+    outputs: tuple[OutputComparison, ...]
+    run_labels: tuple[str, ...]
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[OutputComparison]:
+        """The comparisons that failed."""
+        return [c for c in self.outputs if not c.ok]
+
+    @property
+    def fixed_overflows(self) -> list[OutputComparison]:
+        """Comparisons where the candidate is finite where the original overflowed."""
+        return [c for c in self.outputs if c.fixed_overflow]
+
+    @property
+    def failing_outputs(self) -> list[str]:
+        """Names of failing outputs, in order of first failure, without repeats."""
+        return list(dict.fromkeys(c.name for c in self.failures))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "verdict": "equal" if self.ok else "not equal",
+            "provider": self.provider,
+            "provider_reason": self.provider_reason,
+            "level": self.level,
+            "runs": list(self.run_labels),
+            "inputs": self.inputs,
+            "failing_outputs": self.failing_outputs,
+            "fixed_overflow": sum(c.fixed_overflow for c in self.outputs),
+            "outputs": [c.to_dict() for c in self.outputs],
+        }
+
+    def failure_message(self) -> str:
+        """One line (per failing output) describing what differs; empty if ok."""
+        if self.ok:
+            return ""
+        firsts: dict[str, OutputComparison] = {}
+        for comp in self.failures:
+            firsts.setdefault(comp.name, comp)
+        return "models are not equivalent: " + "; ".join(c.describe() for c in firsts.values())
+
+    def render_text(self) -> str:
+        lines = [f"provider: {self.provider} ({self.provider_reason})"]
+        lines.append(f"level: {self.level}    runs: {', '.join(self.run_labels) or 'none'}")
+        tol = sorted({(c.dtype, c.rtol, c.atol) for c in self.outputs if c.dtype in DEFAULT_TOLERANCES})
+        if tol:
+            parts = ", ".join(f"{d}: rtol={r:g} atol={a:g}" for d, r, a in tol)
+            lines.append(f"tolerance: |a-b| <= atol + rtol*|ref|  ({parts})")
+        header = ("output", "dtype", "shape", "max abs", "max rel", "worst index", "run", "status")
+        rows = [header]
+        for comp in self._worst_per_output():
+            shape = "x".join(str(s) for s in comp.shape) if comp.shape else "()" if comp.dtype else "-"
+            worst = "-" if comp.worst_index is None else ",".join(str(i) for i in comp.worst_index) or "()"
+            status = "ok" if comp.ok else "FAIL"
+            if comp.ok and any(c.fixed_overflow for c in self.outputs if c.name == comp.name):
+                status = "ok (fixed overflow)"
+            rows.append(
+                (
+                    comp.name,
+                    comp.dtype or "-",
+                    shape,
+                    _fmt(comp.max_abs),
+                    _fmt(comp.max_rel),
+                    worst,
+                    comp.run_label or "-",
+                    status,
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for row in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if self.ok:
+            n_out = len({c.name for c in self.outputs})
+            verdict = (
+                f"verdict: EQUAL ({n_out} output(s) within tolerance over {len(self.run_labels)} run(s))"
+            )
+            fixed = sum(c.fixed_overflow for c in self.outputs)
+            if fixed:
+                verdict += f"; {fixed} element(s) overflowed in the original only (fixed overflow)"
+            lines.append(verdict)
+        else:
+            for comp in self._worst_per_output():
+                if comp.ok:
+                    continue
+                runs = [c for c in self.failures if c.name == comp.name]
+                note = f" [failed in {len(runs)} of {len(self.run_labels)} run(s)]" if len(runs) > 1 else ""
+                lines.append(f"  {comp.describe()}{note}")
+            names = ", ".join(f"'{n}'" for n in self.failing_outputs)
+            lines.append(f"verdict: NOT EQUAL (failing output(s): {names})")
+        return "\n".join(lines)
+
+    def _worst_per_output(self) -> list[OutputComparison]:
+        chosen: dict[str, OutputComparison] = {}
+        for comp in self.outputs:
+            cur = chosen.get(comp.name)
+            if cur is None or _badness(comp) > _badness(cur):
+                chosen[comp.name] = comp
+        return list(chosen.values())
+
+
+def _badness(comp: OutputComparison) -> tuple[int, float]:
+    value = comp.max_abs if math.isfinite(comp.max_abs) else math.inf
+    return (0 if comp.ok else 1, value)
+
+
+def _float_dtypes(model: onnx.ModelProto) -> set[str]:
+    names = set()
+    for spec in graph_input_specs(model):
+        name = spec.type_name
+        if name in ("float", "float16", "double"):
+            names.add({"float": "float32", "double": "float64"}.get(name, name))
+    return names
+
+
+def _run_plan(
+    proto: onnx.ModelProto,
+    runs: int,
+    seed: int,
+    dims: Mapping[str, int] | None,
+    input_ranges: Mapping[str, tuple[float, float]] | None,
+    inputs: InputsLike,
+    large_magnitude: bool,
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    if inputs is not None:
+        if isinstance(inputs, (str, os.PathLike)):
+            return [("inputs", load_inputs_npz(inputs, proto))]
+        return [("inputs", validate_feeds(proto, dict(inputs)))]
+    if runs < 1:
+        raise InputError(f"runs must be >= 1, got {runs}")
+    plan = [
+        (f"seed={seed + r}", synthesize_inputs(proto, seed=seed + r, dims=dims, input_ranges=input_ranges))
+        for r in range(runs)
+    ]
+    ranged = set(input_ranges or {})
+    float_specs = [
+        s
+        for s in graph_input_specs(proto)
+        if s.type_name in ("float", "float16", "double") and s.name not in ranged
+    ]
+    if large_magnitude and float_specs:
+        kinds = _float_dtypes(proto)
+        scale = min(_LARGE_SCALE[k] for k in kinds) if kinds else _LARGE_SCALE["float32"]
+        feeds = synthesize_inputs(proto, seed=seed, dims=dims, input_ranges=input_ranges, scale=scale)
+        plan.append((f"large(scale={scale:g})", feeds))
+    return plan
+
+
+def _describe_inputs(feeds: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    return {name: {"dtype": str(arr.dtype), "shape": list(arr.shape)} for name, arr in feeds.items()}
+
+
+def check(
+    original: ModelLike,
+    candidate: ModelLike,
+    *,
+    provider: str = "auto",
+    level: str = "disable",
+    runs: int = 2,
+    rtol: float | None = None,
+    atol: float | None = None,
+    dims: Mapping[str, int] | None = None,
+    input_ranges: Mapping[str, tuple[float, float]] | None = None,
+    inputs: InputsLike = None,
+    seed: int = 0,
+    large_magnitude: bool = True,
+    allow_fixed_overflow: bool = False,
+) -> CheckResult:
+    """Run ``original`` and ``candidate`` on identical inputs and compare every output.
+
+    Inputs are synthesized from the original's declared inputs for seeds ``seed ..
+    seed+runs-1`` plus, when ``large_magnitude`` and the model has float inputs, one run at
+    a large scale (300 for float16 inputs, 1000 otherwise). ``inputs`` (a mapping or an
+    ``.npz`` path) replaces all synthesized runs with exactly those inputs.
+
+    Raises :class:`InputError` for unreadable models or inputs that do not fit, and
+    :class:`ProviderError` if ``provider='cuda'`` cannot start. Numeric differences are
+    reported in the result (``ok`` False), not raised.
+    """
+    if level not in LEVELS:
+        raise InputError(f"unknown optimization level {level!r} (expected one of {', '.join(LEVELS)})")
+    proto_a = load_model_proto(original)
+    proto_b = load_model_proto(candidate)
+    choice = select_provider(provider)
+    sess_a = make_session(original, choice, level)
+    sess_b = make_session(candidate, choice, level)
+    actual = sess_a.get_providers()[0]
+    reason = choice.reason
+    if actual != choice.primary:
+        reason = f"{reason}; session runs on {actual}"
+
+    names_a = [o.name for o in sess_a.get_outputs()]
+    names_b = [o.name for o in sess_b.get_outputs()]
+    common = [n for n in names_a if n in set(names_b)]
+    comparisons: list[OutputComparison] = []
+    for name in names_a:
+        if name not in names_b:
+            comparisons.append(_failure(name, "output missing in the candidate", "all"))
+    for name in names_b:
+        if name not in names_a:
+            comparisons.append(_failure(name, "output not in the original", "all"))
+
+    plan = _run_plan(proto_a, runs, seed, dims, input_ranges, inputs, large_magnitude)
+    for label, feeds in plan:
+        validate_feeds(proto_b, feeds, what=f"candidate inputs ({label})", allow_extra=True)
+        feeds_a = session_feeds(sess_a, feeds, "original model")
+        feeds_b = session_feeds(sess_b, feeds, "candidate model")
+        try:
+            outs_a = sess_a.run(common or names_a, feeds_a)
+        except Exception as exc:
+            raise InputError(
+                f"original model failed to run on {label} inputs {_shapes(feeds_a)}: {_first_line(exc)}"
+            ) from None
+        if not common:
+            continue
+        try:
+            outs_b = sess_b.run(common, feeds_b)
+        except Exception as exc:
+            comparisons.append(_failure("*", f"candidate failed to run: {_first_line(exc)}", label))
+            continue
+        for name, ref, got in zip(common, outs_a, outs_b, strict=True):
+            comparisons.append(compare_arrays(name, ref, got, rtol, atol, allow_fixed_overflow, label))
+
+    return CheckResult(
+        ok=all(c.ok for c in comparisons),
+        provider=actual,
+        provider_reason=reason,
+        level=level,
+        outputs=tuple(comparisons),
+        run_labels=tuple(label for label, _ in plan),
+        inputs=_describe_inputs(plan[0][1]) if plan else {},
+    )
+
+
+def _shapes(feeds: Mapping[str, np.ndarray]) -> str:
+    return "{" + ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in feeds.items()) + "}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def assert_equivalent(original: ModelLike, candidate: ModelLike, **kwargs: Any) -> CheckResult:
+    """:func:`check` for tests: raise AssertionError naming the failing output(s), the
+    max abs/rel error and the worst index; return the result when equal."""
+    result = check(original, candidate, **kwargs)
+    if not result.ok:
+        raise AssertionError(result.failure_message())
+    return result

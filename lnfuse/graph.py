@@ -1,0 +1,411 @@
+"""Typed helpers over onnx-graphsurgeon, so passes never touch its internals.
+
+A :class:`ModelGraph` imports a ``ModelProto`` once into an onnx-graphsurgeon
+``Graph`` and keeps, for the main graph and every subgraph (Loop / Scan / If
+bodies, nested):
+
+* an op-type index (``nodes_by_op``) snapshotted at import, the anchors passes walk;
+* producer / consumers of a tensor (onnx-graphsurgeon keeps these as the
+  ``inputs`` / ``outputs`` lists of each tensor; consumers include nodes of
+  subgraphs that read an outer-scope value, which is what "used outside the
+  match" must see);
+* constant lookup through initializers, ``Constant`` nodes and ``Identity`` of either;
+* dtype / shape lookup, from the model's own annotations and, lazily and at most
+  once per model, from ONNX shape inference;
+* a unique-name generator for new tensors and nodes.
+
+Rewrites are recorded per graph (``replace``) and applied once per pass by
+:meth:`ModelGraph.commit`, which splices the new nodes in at the position of the
+node they replace (so topological order holds without a toposort), drops the
+replaced nodes and any ``Constant`` node left without consumers. Cost is linear
+in the number of nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+Dim = int | str | None
+
+_ELEMENTWISE_SAME_TYPE = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Identity",
+        "ReduceMean",
+        "ReduceSum",
+        "Relu",
+        "Abs",
+        "Exp",
+        "Tanh",
+        "Sigmoid",
+        "Erf",
+        "LayerNormalization",
+        "Softmax",
+        "MatMul",
+        "Gemm",
+        "Transpose",
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Pow",
+    }
+)
+
+
+def onnx_dtype(np_or_onnx: object) -> int | None:
+    """ONNX ``TensorProto`` element type for a numpy dtype (or pass an int through)."""
+    if np_or_onnx is None:
+        return None
+    if isinstance(np_or_onnx, int):
+        return np_or_onnx
+    try:
+        return int(helper.np_dtype_to_tensor_dtype(np.dtype(np_or_onnx)))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
+
+
+@dataclass
+class GraphView:
+    """One (sub)graph with its op-type index and pending rewrites."""
+
+    graph: gs.Graph
+    path: str  # "main" or "main/Loop_3:body"
+    parent: GraphView | None
+    nodes_by_op: dict[str, list[gs.Node]] = field(default_factory=dict)
+    output_ids: set[int] = field(default_factory=set)
+    removed: set[int] = field(default_factory=set)
+    inserted: dict[int, list[gs.Node]] = field(default_factory=dict)
+    maybe_dead: set[int] = field(default_factory=set)
+
+    position: dict[int, int] = field(default_factory=dict)
+
+    def index(self) -> None:
+        self.nodes_by_op = {}
+        self.position = {}
+        for i, node in enumerate(self.graph.nodes):
+            self.nodes_by_op.setdefault(node.op, []).append(node)
+            self.position[id(node)] = i
+        self.output_ids = {id(t) for t in self.graph.outputs}
+
+
+class ModelGraph:
+    """An imported model plus the indexes every pass uses."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph: gs.Graph = gs.import_onnx(model)
+        # Dead nodes would read tensors a rewrite removes; drop them (the model is only
+        # exported when something was rewritten).
+        self.graph.cleanup(remove_unused_graph_inputs=False)
+        self.views: list[GraphView] = []
+        self._node_view: dict[int, GraphView] = {}
+        self._const_cache: dict[int, np.ndarray | None] = {}
+        self._shape_table: dict[str, tuple[int, tuple[Dim, ...] | None]] | None = None
+        self._names: set[str] | None = None
+        self._counter = 0
+        self.reindex()
+
+    # -- structure ----------------------------------------------------------
+    def reindex(self) -> None:
+        """(Re)build the per-graph indexes; call after a pass committed its rewrites."""
+        self.views = []
+        self._node_view = {}
+        stack: list[tuple[gs.Graph, str, GraphView | None]] = [(self.graph, "main", None)]
+        while stack:
+            g, path, parent = stack.pop()
+            view = GraphView(graph=g, path=path, parent=parent)
+            view.index()
+            self.views.append(view)
+            for node in g.nodes:
+                self._node_view[id(node)] = view
+                for attr_name, value in node.attrs.items():
+                    subs = value if isinstance(value, list) else [value]
+                    for sub in subs:
+                        if isinstance(sub, gs.Graph):
+                            label = node.name or node.op
+                            stack.append((sub, f"{path}/{label}:{attr_name}", view))
+        self._const_cache.clear()
+
+    def view_of(self, node: gs.Node) -> GraphView | None:
+        return self._node_view.get(id(node))
+
+    def node_count(self) -> int:
+        return sum(len(v.graph.nodes) for v in self.views)
+
+    def iter_nodes(self) -> Iterator[gs.Node]:
+        for v in self.views:
+            yield from v.graph.nodes
+
+    @staticmethod
+    def producer(tensor: gs.Tensor) -> gs.Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    @staticmethod
+    def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+        return list(tensor.outputs)
+
+    def is_graph_output(self, tensor: gs.Tensor) -> bool:
+        tid = id(tensor)
+        return any(tid in v.output_ids for v in self.views)
+
+    # -- constants ----------------------------------------------------------
+    def const_value(self, tensor: gs.Tensor, _depth: int = 0) -> np.ndarray | None:
+        """The constant value of ``tensor`` if it is one (initializer, Constant node, Identity of those)."""
+        key = id(tensor)
+        if key in self._const_cache:
+            return self._const_cache[key]
+        value: np.ndarray | None = None
+        if isinstance(tensor, gs.Constant):
+            try:
+                value = np.asarray(tensor.values)
+            except Exception:  # unloadable (e.g. external data not loaded)
+                value = None
+        elif tensor.inputs and _depth < 8:
+            node = tensor.inputs[0]
+            if node.op == "Constant" and not node.domain:
+                value = _constant_node_value(node)
+            elif node.op == "Identity" and not node.domain and node.inputs:
+                value = self.const_value(node.inputs[0], _depth + 1)
+        self._const_cache[key] = value
+        return value
+
+    def constant_source(self, tensor: gs.Tensor) -> gs.Tensor:
+        """Follow Identity nodes back to the tensor that holds the constant."""
+        t = tensor
+        for _ in range(8):
+            if t.inputs and t.inputs[0].op == "Identity" and t.inputs[0].inputs:
+                t = t.inputs[0].inputs[0]
+            else:
+                break
+        return t
+
+    # -- types and shapes ---------------------------------------------------
+    def dtype(self, tensor: gs.Tensor, _depth: int = 0) -> int | None:
+        """ONNX element type of ``tensor``: annotations, then local propagation, then shape inference."""
+        if isinstance(tensor, gs.Constant):
+            return onnx_dtype(tensor.dtype)
+        dt = onnx_dtype(tensor.dtype) if tensor.dtype is not None else None
+        if dt:
+            return dt
+        node = self.producer(tensor)
+        if node is not None and _depth < 16 and not node.domain:
+            if node.op == "Cast":
+                return int(node.attrs["to"])
+            if node.op == "Constant":
+                val = self.const_value(tensor)
+                return onnx_dtype(val.dtype) if val is not None else None
+            if node.op in _ELEMENTWISE_SAME_TYPE and node.inputs:
+                dt = self.dtype(node.inputs[0], _depth + 1)
+                if dt:
+                    return dt
+        entry = self.shape_table().get(tensor.name)
+        return entry[0] if entry else None
+
+    def shape(self, tensor: gs.Tensor) -> tuple[Dim, ...] | None:
+        """Shape of ``tensor`` (ints, symbolic names or None per dim), or None if the rank is unknown."""
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.shape)
+        if tensor.shape is not None:
+            dims = tuple(_norm_dim(d) for d in tensor.shape)
+            if all(isinstance(d, int) for d in dims):
+                return dims
+            inferred = self.shape_table().get(tensor.name)
+            if inferred and inferred[1] is not None and len(inferred[1]) == len(dims):
+                return tuple(d if isinstance(d, int) else i for d, i in zip(dims, inferred[1]))
+            return dims
+        entry = self.shape_table().get(tensor.name)
+        return entry[1] if entry else None
+
+    def shape_table(self) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
+        """Name -> (elem_type, dims) from ONNX shape inference, computed at most once."""
+        if self._shape_table is None:
+            self._shape_table = _infer_shapes(self.model)
+        return self._shape_table
+
+    # -- naming ---------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        if self._names is None:
+            names: set[str] = set()
+            for v in self.views:
+                names.update(v.graph.tensors().keys())
+                names.update(n.name for n in v.graph.nodes if n.name)
+            self._names = names
+        name = base
+        while name in self._names:
+            self._counter += 1
+            name = f"{base}_{self._counter}"
+        self._names.add(name)
+        return name
+
+    # -- rewriting ------------------------------------------------------------
+    def replace(self, view: GraphView, nodes: Iterable[gs.Node], anchor: gs.Node, new_nodes: list[gs.Node]) -> None:
+        """Schedule ``nodes`` for removal and ``new_nodes`` for insertion where ``anchor`` stands.
+
+        The caller rewires tensors when it builds ``new_nodes`` (they produce the
+        old output tensors) after detaching the old producers with :meth:`detach`.
+        ``anchor`` must be the last of ``nodes`` in graph order, so every input
+        of the new nodes is defined before that position.
+        """
+        for n in nodes:
+            view.removed.add(id(n))
+        view.inserted.setdefault(id(anchor), []).extend(new_nodes)
+
+    def detach(self, nodes: Iterable[gs.Node]) -> None:
+        """Disconnect ``nodes`` from their tensors, remembering Constant producers that may die."""
+        for n in nodes:
+            for t in n.inputs:
+                src = t.inputs[0] if t.inputs else None
+                if src is not None and src.op == "Constant":
+                    v = self._node_view.get(id(src))
+                    if v is not None:
+                        v.maybe_dead.add(id(src))
+            n.inputs.clear()
+            n.outputs.clear()
+
+    def commit(self) -> int:
+        """Apply scheduled rewrites in every graph, in one linear sweep each. Returns graphs changed."""
+        changed = 0
+        for view in self.views:
+            if not view.removed and not view.inserted and not view.maybe_dead:
+                continue
+            changed += 1
+            new_list: list[gs.Node] = []
+            for node in view.graph.nodes:
+                key = id(node)
+                if key in view.inserted:
+                    new_list.extend(view.inserted[key])
+                if key in view.removed:
+                    continue
+                if key in view.maybe_dead and all(
+                    not t.outputs and id(t) not in view.output_ids for t in node.outputs
+                ):
+                    node.outputs.clear()
+                    continue
+                new_list.append(node)
+            view.graph.nodes = new_list
+            view.removed = set()
+            view.inserted = {}
+            view.maybe_dead = set()
+        if changed:
+            self.reindex()
+        return changed
+
+    def export(self) -> onnx.ModelProto:
+        """A new ModelProto: every field of the original, with the rewritten graph."""
+        out = gs.export_onnx(self.graph, do_type_check=False)
+        graph_doc = self.model.graph.doc_string
+        for fd in out.DESCRIPTOR.fields:
+            if fd.name == "graph":
+                continue
+            out.ClearField(fd.name)
+        for fd, value in self.model.ListFields():
+            if fd.name == "graph":
+                continue
+            if _is_repeated(fd):
+                getattr(out, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(out, fd.name).CopyFrom(value)
+            else:
+                setattr(out, fd.name, value)
+        out.graph.doc_string = graph_doc
+        return out
+
+
+def _is_repeated(fd: object) -> bool:
+    flag = getattr(fd, "is_repeated", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(fd, "label", 0) == 3  # LABEL_REPEATED
+
+
+def _norm_dim(d: object) -> Dim:
+    if isinstance(d, (int, np.integer)):
+        return int(d) if int(d) >= 0 else None
+    if isinstance(d, str) and d:
+        return d
+    return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        if isinstance(v, gs.Constant):
+            return np.asarray(v.values)
+        if isinstance(v, onnx.TensorProto):
+            return onnx.numpy_helper.to_array(v)
+        return None
+    if "value_float" in attrs:
+        return np.asarray(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.asarray(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.asarray(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.asarray(attrs["value_ints"], dtype=np.int64)
+    return None
+
+
+def _value_info_entry(vi: onnx.ValueInfoProto) -> tuple[int, tuple[Dim, ...] | None] | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return tt.elem_type, None
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tt.elem_type, tuple(dims)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
+    table: dict[str, tuple[int, tuple[Dim, ...] | None]] = {}
+    try:
+        if model.ByteSize() < 1_800_000_000:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        else:
+            inferred = model
+    except Exception:
+        inferred = model
+    stack = [inferred.graph]
+    while stack:
+        g = stack.pop()
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            entry = _value_info_entry(vi)
+            if entry is not None:
+                table.setdefault(vi.name, entry)
+        for init in g.initializer:
+            table.setdefault(init.name, (init.data_type, tuple(int(d) for d in init.dims)))
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    return table

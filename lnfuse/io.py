@@ -1,0 +1,994 @@
+"""Model I/O for lnfuse: safe loading, structural validation and atomic saving.
+
+* :func:`load_model` reads an ONNX file read-only and turns every kind of bad input
+  (missing path, directory, empty, not ONNX, truncated, missing or unsafe external
+  data) into a one-line :class:`~lnfuse.errors.InputError`.  External data is only
+  ever read from inside the model's own directory: absolute locations and locations
+  that resolve (symlinks included) outside that directory are refused before any
+  byte of external data is read.
+* :func:`validate_structure` rejects graphs that are not single-assignment, that are
+  cyclic, that use undefined tensors or that have no outputs, in linear time.
+* :func:`resolve_output_path` and :func:`save_model` pick and write the output without
+  ever overwriting the input by accident and without ever leaving a partial file:
+  everything is written to a temporary file in the target directory, fsynced and then
+  renamed over the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
+
+from lnfuse.errors import InputError
+
+__all__ = [
+    "checker_problem",
+    "default_output_path",
+    "file_digest",
+    "has_external_data",
+    "load",
+    "load_model",
+    "resolve_output_path",
+    "save_model",
+    "validate_structure",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Protobuf cannot serialize or parse a message of 2 GiB or more.
+_PROTOBUF_LIMIT = 2**31 - 1
+# Above this estimated size, save_model(external_data=None) writes external data.
+_AUTO_EXTERNAL_BYTES = 1_900_000_000
+_CHUNK = 1 << 20
+# Deepest nesting of subgraphs validate_structure accepts (protobuf itself refuses to
+# parse messages nested deeper than 100 levels).
+_MAX_SUBGRAPH_DEPTH = 200
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _one_line(text: object) -> str:
+    """Collapse ``text`` to a single line (error messages must be one line)."""
+    return " ".join(str(text).split())
+
+
+def _os_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return _one_line(err.strerror)
+    return _one_line(err) or type(err).__name__
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _bits_per_element() -> dict[int, int]:
+    table = {
+        "FLOAT": 32,
+        "UINT8": 8,
+        "INT8": 8,
+        "UINT16": 16,
+        "INT16": 16,
+        "INT32": 32,
+        "INT64": 64,
+        "BOOL": 8,
+        "FLOAT16": 16,
+        "DOUBLE": 64,
+        "UINT32": 32,
+        "UINT64": 64,
+        "COMPLEX64": 64,
+        "COMPLEX128": 128,
+        "BFLOAT16": 16,
+        "FLOAT8E4M3FN": 8,
+        "FLOAT8E4M3FNUZ": 8,
+        "FLOAT8E5M2": 8,
+        "FLOAT8E5M2FNUZ": 8,
+        "FLOAT8E8M0": 8,
+        "UINT4": 4,
+        "INT4": 4,
+        "FLOAT4E2M1": 4,
+        "UINT2": 2,
+        "INT2": 2,
+    }
+    out: dict[int, int] = {}
+    for name, bits in table.items():
+        value = getattr(TensorProto, name, None)
+        if isinstance(value, int):
+            out[value] = bits
+    return out
+
+
+_BITS = _bits_per_element()
+
+
+def _expected_nbytes(tensor: TensorProto) -> int | None:
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        return None
+    numel = 1
+    for d in tensor.dims:
+        numel *= int(d)
+    return (numel * bits + 7) // 8
+
+
+def _attr_tensors(attr: AttributeProto) -> Iterator[TensorProto]:
+    if attr.type == AttributeProto.TENSOR:
+        yield attr.t
+    elif attr.type == AttributeProto.TENSORS:
+        yield from attr.tensors
+    elif attr.type == AttributeProto.SPARSE_TENSOR:
+        yield attr.sparse_tensor.values
+        yield attr.sparse_tensor.indices
+    elif attr.type == AttributeProto.SPARSE_TENSORS:
+        for sp in attr.sparse_tensors:
+            yield sp.values
+            yield sp.indices
+
+
+def _attr_graphs(attr: AttributeProto) -> Iterator[GraphProto]:
+    if attr.type == AttributeProto.GRAPH:
+        yield attr.g
+    elif attr.type == AttributeProto.GRAPHS:
+        yield from attr.graphs
+
+
+def _iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    """The graph and all its (nested) subgraphs, iteratively."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                stack.extend(_attr_graphs(attr))
+
+
+def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+
+
+def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto that may hold data: initializers, sparse initializers and
+    attribute tensors of the main graph, of all (nested) subgraphs and of the nodes of
+    local functions (and their subgraphs).  Iterative, no recursion."""
+    node_lists: list = [fn.node for fn in model.functions]
+    graphs = [model.graph]
+    while graphs or node_lists:
+        if graphs:
+            g = graphs.pop()
+            yield from _graph_tensors(g)
+            node_lists.append(g.node)
+            continue
+        for node in node_lists.pop():
+            for attr in node.attribute:
+                yield from _attr_tensors(attr)
+                graphs.extend(_attr_graphs(attr))
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+def _tensor_label(tensor: TensorProto) -> str:
+    return repr(tensor.name) if tensor.name else "<unnamed>"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_model_file(path: Path) -> os.stat_result:
+    shown = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{shown}: no such file") from None
+    except NotADirectoryError:
+        raise InputError(f"{shown}: no such file (a parent of the path is not a directory)") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{shown}: cannot access the file: {_os_reason(err)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{shown}: is a directory, not an ONNX model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{shown}: is not a regular file")
+    if st.st_size == 0:
+        raise InputError(f"{shown}: the file is empty, not an ONNX model")
+    if st.st_size > _PROTOBUF_LIMIT:
+        raise InputError(
+            f"{shown}: the file is {st.st_size} bytes, above the 2 GB protobuf limit; "
+            "models this large must keep their weights in external data"
+        )
+    return st
+
+
+def _read_proto(path: Path) -> ModelProto:
+    """Parse the model file (without external data); InputError on any problem."""
+    _check_model_file(path)
+    shown = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise InputError(f"{shown}: cannot read the file: {_os_reason(err)}") from None
+    if not data:
+        raise InputError(f"{shown}: the file is empty, not an ONNX model")
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise InputError(
+            f"{shown}: not a valid ONNX model (protobuf parse failed: the file is truncated, corrupt or not ONNX)"
+        ) from None
+    del data
+    if not model.HasField("graph"):
+        raise InputError(f"{shown}: not an ONNX model (no graph in the file; truncated or not ONNX)")
+    if model.ir_version <= 0:
+        raise InputError(f"{shown}: not an ONNX model (missing ir_version; truncated or not ONNX)")
+    if model.ir_version >= 3 and len(model.opset_import) == 0:
+        raise InputError(f"{shown}: not a complete ONNX model (no opset_import; truncated?)")
+    return model
+
+
+def _external_info(tensor: TensorProto, model_shown: str) -> tuple[str, int, int | None]:
+    location = ""
+    offset = 0
+    length: int | None = None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            location = entry.value
+        elif entry.key in ("offset", "length"):
+            try:
+                value = int(entry.value)
+            except ValueError:
+                raise InputError(
+                    f"{model_shown}: tensor {_tensor_label(tensor)} has an invalid external data "
+                    f"{entry.key} {entry.value!r}"
+                ) from None
+            if value < 0:
+                raise InputError(
+                    f"{model_shown}: tensor {_tensor_label(tensor)} has a negative external data {entry.key}"
+                )
+            if entry.key == "offset":
+                offset = value
+            else:
+                length = value
+    if not location:
+        raise InputError(
+            f"{model_shown}: tensor {_tensor_label(tensor)} is marked as external data but has no location"
+        )
+    return location, offset, length
+
+
+def _safe_location(location: str, base_dir: Path, tensor: TensorProto, model_shown: str) -> Path:
+    """The resolved path of an external data file, refused if it is not inside base_dir."""
+    label = _tensor_label(tensor)
+    if "\x00" in location:
+        raise InputError(f"{model_shown}: tensor {label} has an invalid external data location")
+    if (
+        os.path.isabs(location)
+        or location.startswith(("\\", "/"))
+        or (len(location) > 1 and location[0].isalpha() and location[1] == ":")
+    ):
+        raise InputError(
+            f"{model_shown}: refusing external data location {location!r} of tensor {label}: "
+            "absolute paths are not allowed (external data must be inside the model's directory)"
+        )
+    base = base_dir.resolve()
+    try:
+        target = (base / location).resolve()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InputError(
+            f"{model_shown}: cannot resolve external data location {location!r} of tensor {label}: "
+            f"{_os_reason(err)}"
+        ) from None
+    try:
+        target.relative_to(base)
+    except ValueError:
+        raise InputError(
+            f"{model_shown}: refusing external data location {location!r} of tensor {label}: "
+            "it resolves outside the model's directory"
+        ) from None
+    if target == base:
+        raise InputError(
+            f"{model_shown}: refusing external data location {location!r} of tensor {label}: "
+            "it names the model's directory itself"
+        )
+    return target
+
+
+def _load_external(model: ModelProto, base_dir: Path, model_shown: str) -> None:
+    external = [t for t in _all_tensors(model) if _is_external(t)]
+    if not external:
+        return
+    # 1. Validate every reference before reading anything.
+    plans = []
+    for tensor in external:
+        location, offset, length = _external_info(tensor, model_shown)
+        target = _safe_location(location, base_dir, tensor, model_shown)
+        plans.append((tensor, location, target, offset, length))
+    sizes: dict[Path, int] = {}
+    for tensor, location, target, offset, length in plans:
+        if target not in sizes:
+            try:
+                st = target.stat()
+            except FileNotFoundError:
+                raise InputError(
+                    f"{model_shown}: external data file {location!r} of tensor {_tensor_label(tensor)} "
+                    "does not exist next to the model"
+                ) from None
+            except OSError as err:
+                raise InputError(
+                    f"{model_shown}: cannot access external data file {location!r} of tensor "
+                    f"{_tensor_label(tensor)}: {_os_reason(err)}"
+                ) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(
+                    f"{model_shown}: external data file {location!r} of tensor {_tensor_label(tensor)} "
+                    "is not a regular file"
+                )
+            sizes[target] = st.st_size
+        size = sizes[target]
+        if offset > size or (length is not None and offset + length > size):
+            end = "end of file" if length is None else f"{offset + length}"
+            raise InputError(
+                f"{model_shown}: external data of tensor {_tensor_label(tensor)} (offset {offset}, "
+                f"up to {end}) lies beyond the end of {location!r} ({size} bytes)"
+            )
+        nbytes = size - offset if length is None else length
+        expected = _expected_nbytes(tensor)
+        if expected is not None and nbytes != expected:
+            raise InputError(
+                f"{model_shown}: external data of tensor {_tensor_label(tensor)} in {location!r} is "
+                f"{nbytes} bytes but its type and shape need {expected} bytes"
+            )
+    # 2. Read.
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        for tensor, location, target, offset, length in plans:
+            f = handles.get(target)
+            if f is None:
+                f = handles[target] = open(target, "rb")  # noqa: SIM115 - closed in finally
+            f.seek(offset)
+            want = sizes[target] - offset if length is None else length
+            data = f.read(want)
+            if len(data) != want:
+                raise InputError(
+                    f"{model_shown}: external data of tensor {_tensor_label(tensor)} in {location!r} "
+                    "ends early (the file changed while reading?)"
+                )
+            tensor.raw_data = data
+            tensor.ClearField("data_location")
+            del tensor.external_data[:]
+    except OSError as err:
+        raise InputError(f"{model_shown}: cannot read external data: {_os_reason(err)}") from None
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def load_model(path: PathLike, *, load_external_data: bool = True) -> ModelProto:
+    """Load an ONNX model file read-only.
+
+    External data referenced by the model is read (when ``load_external_data``) only
+    from files inside the model's directory.  Locations are checked (absolute paths and
+    paths resolving outside the directory are refused) even when the data is not
+    loaded.  Every problem raises :class:`InputError` with a one-line message naming
+    the file.  The file and its external data are never modified.
+    """
+    p = Path(os.fspath(path))
+    model = _read_proto(p)
+    shown = str(p)
+    base_dir = p.parent if str(p.parent) else Path(".")
+    if load_external_data:
+        _load_external(model, base_dir, shown)
+    else:
+        for tensor in _all_tensors(model):
+            if _is_external(tensor):
+                location, _offset, _length = _external_info(tensor, shown)
+                _safe_location(location, base_dir, tensor, shown)
+    return model
+
+
+def load(model_or_path: ModelProto | PathLike) -> tuple[ModelProto, Path | None]:
+    """Return ``(model, path)``: a ModelProto is returned as is (path None), a path is loaded."""
+    if isinstance(model_or_path, ModelProto):
+        return model_or_path, None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise InputError(f"expected an ONNX ModelProto or a file path, got {type(model_or_path).__name__}")
+    p = Path(os.fspath(model_or_path))
+    return load_model(p), p
+
+
+def has_external_data(path_or_model: ModelProto | PathLike) -> bool:
+    """Whether the model stores any tensor as external data.
+
+    For a path, the file is parsed without loading the external data; for a
+    ModelProto, the in-memory tensors are inspected (a model returned by
+    :func:`load_model` has its external data loaded and therefore reports False).
+    """
+    if isinstance(path_or_model, ModelProto):
+        model = path_or_model
+    else:
+        model = _read_proto(Path(os.fspath(path_or_model)))
+    return any(_is_external(t) for t in _all_tensors(model))
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    if node.name:
+        return f"node {node.name!r} ({node.op_type})"
+    return f"node #{index} ({node.op_type})"
+
+
+def _check_graph(graph: GraphProto, scopes: list[set[str]], where: str, depth: int) -> set[str]:
+    """Validate one graph; return the outer-scope names it (and its subgraphs) use."""
+    if depth > _MAX_SUBGRAPH_DEPTH:
+        raise InputError(f"subgraphs are nested more than {_MAX_SUBGRAPH_DEPTH} levels deep{where}")
+
+    def in_outer(name: str) -> bool:
+        return any(name in s for s in scopes)
+
+    defined: set[str] = set()
+    input_names: set[str] = set()
+    for vi in graph.input:
+        if vi.name in input_names:
+            raise InputError(f"duplicate graph input name {vi.name!r}{where}")
+        input_names.add(vi.name)
+    defined |= input_names
+    init_names: set[str] = set()
+    for t in graph.initializer:
+        if t.name in init_names:
+            raise InputError(f"duplicate initializer name {t.name!r}{where}")
+        init_names.add(t.name)
+    for sp in graph.sparse_initializer:
+        name = sp.values.name
+        if name in init_names:
+            raise InputError(f"duplicate initializer name {name!r}{where}")
+        init_names.add(name)
+    defined |= init_names
+
+    producer: dict[str, int] = {}
+    nodes = graph.node
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if not out:
+                continue
+            if out in producer:
+                other = producer[out]
+                if other == i:
+                    raise InputError(
+                        f"duplicate tensor name: {_node_label(node, i)} lists output {out!r} twice{where}"
+                    )
+                raise InputError(
+                    f"duplicate tensor name {out!r}: produced by {_node_label(nodes[other], other)} and "
+                    f"{_node_label(node, i)}{where}"
+                )
+            if out in defined:
+                kind = "graph input" if out in input_names else "initializer"
+                raise InputError(
+                    f"duplicate tensor name {out!r}: output of {_node_label(node, i)} is also a {kind}{where}"
+                )
+            if in_outer(out):
+                raise InputError(
+                    f"duplicate tensor name {out!r}: output of {_node_label(node, i)} redefines a name "
+                    f"from an outer graph{where}"
+                )
+            producer[out] = i
+    defined.update(producer)
+
+    free: set[str] = set()
+    # preds[i]: the producers of node i's inputs (explicit and implicit via subgraphs).
+    preds: list[list[int]] = [[] for _ in range(len(nodes))]
+    inner_scopes = [*scopes, defined]
+    for i, node in enumerate(nodes):
+        used: list[str] = [name for name in node.input if name]
+        for attr in node.attribute:
+            subs = list(_attr_graphs(attr))
+            for k, sub in enumerate(subs):
+                tag = attr.name if len(subs) == 1 else f"{attr.name}[{k}]"
+                sub_where = f" in subgraph {tag!r} of {_node_label(node, i)}{where}"
+                used.extend(_check_graph(sub, inner_scopes, sub_where, depth + 1))
+        seen: set[int] = set()
+        for name in used:
+            j = producer.get(name)
+            if j is not None:
+                if j not in seen:
+                    seen.add(j)
+                    preds[i].append(j)
+            elif name in defined:
+                continue
+            elif in_outer(name):
+                free.add(name)
+            else:
+                raise InputError(
+                    f"{_node_label(node, i)} uses tensor {name!r} that no node, graph input or "
+                    f"initializer defines{where}"
+                )
+
+    if len(graph.output) == 0:
+        raise InputError(f"the graph has no outputs{where}")
+    for vi in graph.output:
+        if vi.name in defined:
+            continue
+        if depth > 0 and in_outer(vi.name):
+            free.add(vi.name)
+            continue
+        raise InputError(
+            f"graph output {vi.name!r} is not produced by any node, graph input or initializer{where}"
+        )
+
+    _check_acyclic(nodes, preds, where)
+    return free
+
+
+def _check_acyclic(nodes: Sequence[onnx.NodeProto], preds: list[list[int]], where: str) -> None:
+    """Kahn's algorithm; on a cycle, name the nodes of one cycle."""
+    n = len(preds)
+    indegree = [len(p) for p in preds]
+    succs: list[list[int]] = [[] for _ in range(n)]
+    for i, ps in enumerate(preds):
+        for j in ps:
+            succs[j].append(i)
+    queue = deque(i for i in range(n) if indegree[i] == 0)
+    done = 0
+    while queue:
+        j = queue.popleft()
+        done += 1
+        for i in succs[j]:
+            indegree[i] -= 1
+            if indegree[i] == 0:
+                queue.append(i)
+    if done == n:
+        return
+    # Every node left has a predecessor that is also left: walk back until a repeat.
+    start = next(i for i in range(n) if indegree[i] > 0)
+    order: list[int] = []
+    pos: dict[int, int] = {}
+    cur = start
+    while cur not in pos:
+        pos[cur] = len(order)
+        order.append(cur)
+        cur = next(j for j in preds[cur] if indegree[j] > 0)
+    cycle = order[pos[cur] :][::-1]
+    shown = [_node_label(nodes[i], i) for i in cycle[:6]]
+    if len(cycle) > 6:
+        shown.append("...")
+    shown.append(_node_label(nodes[cycle[0]], cycle[0]))
+    raise InputError(f"the graph contains a cycle: {' -> '.join(shown)}{where}")
+
+
+def validate_structure(model: ModelProto) -> None:
+    """Raise InputError unless the graph is a well-formed DAG.
+
+    Checked, in the main graph and recursively in subgraphs (GRAPH/GRAPHS attributes,
+    where outer-scope names are visible): unique tensor names (no two producers of a
+    name, no node output that is also a graph input or initializer or an outer-scope
+    name), every used tensor defined, at least one output, and no cycle.  Node order
+    does not matter (only cycles are rejected).  Linear in the model size.
+    """
+    if not model.HasField("graph"):
+        raise InputError("the model has no graph")
+    _check_graph(model.graph, [], "", 0)
+
+
+def checker_problem(model: ModelProto) -> str | None:
+    """Run ``onnx.checker.check_model(full_check=True)``; the first line of the error, or None.
+
+    Models too large to serialize in one protobuf (about 2 GB) are checked through a
+    temporary copy saved with external data.
+    """
+    try:
+        size = model.ByteSize()
+    except Exception:
+        size = _PROTOBUF_LIMIT + 1
+    try:
+        if size < _AUTO_EXTERNAL_BYTES:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="lnfuse-check-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model(model, path, external_data=True)
+                onnx.checker.check_model(str(path), full_check=True)
+    except InputError as err:
+        return str(err)
+    except Exception as err:
+        for line in str(err).splitlines():
+            if line.strip():
+                return line.strip()
+        return type(err).__name__
+    return None
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def default_output_path(input_path: PathLike) -> Path:
+    """``dir/model.onnx`` -> ``dir/model.ln.onnx``; without a ``.onnx`` suffix, append ``.ln.onnx``."""
+    p = Path(os.fspath(input_path))
+    if p.suffix.lower() == ".onnx":
+        return p.with_name(p.name[: -len(p.suffix)] + ".ln.onnx")
+    return p.with_name(p.name + ".ln.onnx")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_writable_dir(directory: Path, out: Path) -> None:
+    shown = str(out)
+    try:
+        st = directory.stat()
+    except FileNotFoundError:
+        raise InputError(f"cannot write {shown}: the directory {str(directory)!r} does not exist") from None
+    except NotADirectoryError:
+        raise InputError(f"cannot write {shown}: {str(directory)!r} is not a directory") from None
+    except OSError as err:
+        raise InputError(f"cannot write {shown}: {_os_reason(err)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InputError(f"cannot write {shown}: {str(directory)!r} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {shown}: the directory {str(directory)!r} is not writable")
+    # os.access is not the whole truth (root, read-only mounts, ACLs): try it.
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix="." + out.name + ".", suffix=".probe")
+    except OSError as err:
+        raise InputError(f"cannot write {shown}: {_os_reason(err)}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def resolve_output_path(input_path: Path | None, output: PathLike | None, *, in_place: bool = False) -> Path:
+    """Decide and check where the output model goes.
+
+    ``output`` None means :func:`default_output_path` of the input (or the input itself
+    with ``in_place``).  Writing onto the input (same file, also through a symlink or a
+    hard link) is refused unless ``in_place``.  The output directory must exist and be
+    writable (checked with a real write attempt).
+    """
+    inp = Path(os.fspath(input_path)) if input_path is not None else None
+    if output is None:
+        if inp is None:
+            raise InputError("no output path given (the input is not a file); pass an output path")
+        out = inp if in_place else default_output_path(inp)
+    else:
+        out = Path(os.fspath(output))
+    if not out.name or out.name in (".", ".."):
+        raise InputError(f"output path {str(out)!r} does not name a file")
+    out = Path(os.path.abspath(out))
+    if out.is_dir():
+        raise InputError(f"cannot write {out}: it is a directory")
+    if inp is not None and not in_place and _same_file(inp, out):
+        raise InputError(f"refusing to overwrite the input {inp} with the output {out}; pass --in-place")
+    _check_writable_dir(out.parent, out)
+    return out
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _file_mode_for(path: Path) -> int:
+    """Keep the mode of an existing file; else the mode a plain open() would give."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_and_sync(fd: int, blob: bytes) -> None:
+    with os.fdopen(fd, "wb", closefd=True) as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best effort: make the renames durable."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _tensor_bytes(tensor: TensorProto) -> bytes | None:
+    """The little-endian raw bytes of a tensor, or None if it cannot become raw data."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    if not any(len(getattr(tensor, field)) for field in _TYPED_FIELDS):
+        return None
+    return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+
+
+def _externalizable(model: ModelProto) -> list[TensorProto]:
+    """Dense initializers of the main graph and of all its (nested) subgraphs."""
+    return [t for g in _iter_graphs(model.graph) for t in g.initializer]
+
+
+def _estimated_size(model: ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:
+        return _PROTOBUF_LIMIT + 1
+
+
+def _serialize(model: ModelProto, out: Path) -> bytes:
+    try:
+        blob = model.SerializeToString()
+    except (ValueError, RuntimeError, OverflowError) as err:
+        raise InputError(
+            f"cannot write {out}: the model cannot be serialized ({_one_line(err)}); "
+            "save it with external data"
+        ) from None
+    if len(blob) > _PROTOBUF_LIMIT:
+        raise InputError(f"cannot write {out}: the model exceeds 2 GB; save it with external data")
+    return blob
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    """Wire encoding of one length-delimited field (a sub-message)."""
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+_Encoder = Callable[[Message], bytes]
+
+
+def _is_repeated(fd: FieldDescriptor) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6; `label` was removed in 7
+    if flag is None:
+        return fd.label == fd.LABEL_REPEATED
+    return bool(flag)
+
+
+def _encode(msg: Message, special: dict[str, _Encoder]) -> bytes:
+    """Serialize ``msg`` field by field (in field-number order, as protobuf does),
+    encoding the sub-messages of the fields named in ``special`` with their function.
+
+    ``msg`` itself is only read.  Unknown fields of ``msg`` are not kept.
+    """
+    parts: list[bytes] = []
+    for fd, value in msg.ListFields():
+        encode = special.get(fd.name)
+        is_repeated = _is_repeated(fd)
+        if fd.message_type is not None:
+            fn = encode or (lambda m: m.SerializeToString())
+            for element in value if is_repeated else (value,):
+                parts.append(_len_field(fd.number, fn(element)))
+        else:  # scalars, strings, repeated scalars: let protobuf encode just this field
+            single = type(msg)()
+            if is_repeated:
+                getattr(single, fd.name).extend(value)
+            else:
+                setattr(single, fd.name, value)
+            parts.append(single.SerializeToString())
+    return b"".join(parts)
+
+
+class _ExternalWriter:
+    """Serializes a model with its large initializers written to an open data file.
+
+    Covered: dense initializers of the main graph and of every nested subgraph
+    (GRAPH/GRAPHS attributes).  The model is never modified: tensors are copied one
+    at a time into small stubs that carry the external-data reference.
+    """
+
+    _SKIP = frozenset(("raw_data", "external_data", "data_location", *_TYPED_FIELDS))
+
+    def __init__(self, data_file: BinaryIO, data_name: str, size_threshold: int) -> None:
+        self.data_file = data_file
+        self.data_name = data_name
+        self.size_threshold = size_threshold
+        self.offset = 0
+
+    def model(self, model: ModelProto) -> bytes:
+        return _encode(model, {"graph": self.graph})  # type: ignore[dict-item]
+
+    def graph(self, graph: GraphProto) -> bytes:
+        return _encode(graph, {"initializer": self.tensor, "node": self.node})  # type: ignore[dict-item]
+
+    def node(self, node: onnx.NodeProto) -> bytes:
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+            return _encode(node, {"attribute": self.attribute})  # type: ignore[dict-item]
+        return node.SerializeToString()
+
+    def attribute(self, attr: AttributeProto) -> bytes:
+        if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+            return _encode(attr, {"g": self.graph, "graphs": self.graph})  # type: ignore[dict-item]
+        return attr.SerializeToString()
+
+    def tensor(self, tensor: TensorProto) -> bytes:
+        raw = _tensor_bytes(tensor)
+        if raw is None or len(raw) == 0 or len(raw) < self.size_threshold:
+            return tensor.SerializeToString()
+        self.data_file.write(raw)
+        stub = TensorProto()
+        for fd, value in tensor.ListFields():
+            if fd.name in self._SKIP:
+                continue
+            if _is_repeated(fd):
+                getattr(stub, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(stub, fd.name).CopyFrom(value)
+            else:
+                setattr(stub, fd.name, value)
+        stub.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", self.data_name),
+            ("offset", str(self.offset)),
+            ("length", str(len(raw))),
+        ):
+            entry = stub.external_data.add()
+            entry.key = key
+            entry.value = value
+        self.offset += len(raw)
+        return stub.SerializeToString()
+
+
+def _write_external(
+    model: ModelProto, out: Path, data_name: str, size_threshold: int, data_fd: int
+) -> tuple[bytes, int]:
+    """Write the selected initializers to ``data_fd`` (then fsync and close it) and
+    return the serialized model pointing at ``data_name`` and the data size."""
+    with os.fdopen(data_fd, "wb", closefd=True) as f:
+        writer = _ExternalWriter(f, data_name, size_threshold)
+        blob = writer.model(model)
+        f.flush()
+        os.fsync(f.fileno())
+    if len(blob) > _PROTOBUF_LIMIT:
+        raise InputError(f"cannot write {out}: the model exceeds 2 GB even with its initializers external")
+    return blob, writer.offset
+
+
+def _remove(paths: list[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+    paths.clear()
+
+
+def save_model(
+    model: ModelProto,
+    path: PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the (absolute) path.
+
+    The bytes go to a temporary file in the target directory, are fsynced and then
+    renamed onto ``path``; on any error the temporary files are removed and
+    :class:`InputError` names the output and the OS error.  Nothing on the model is
+    changed (the caller sets ir_version and opsets).
+
+    ``external_data``: None = automatic (external when the model would exceed about
+    1.9 GB), True = always, False = never.  When external, every dense initializer of
+    the main graph and of all nested subgraphs (If/Loop/Scan bodies) whose data is at
+    least ``size_threshold`` bytes (and not empty) goes into one file
+    ``<output filename>.data`` next to the output, byte for byte (tensors stored in
+    typed fields such as ``float_data`` are converted to little-endian raw bytes).
+    Attribute tensors (Constant values), sparse initializers, string tensors and
+    everything inside local functions stay inline.  The data file is written to a
+    temporary name as well and renamed before the model file (if the model rename
+    then fails, the data file is removed again); it is not written at all when no
+    tensor qualifies.  ``model`` is only read: the model file is encoded field by
+    field with small stubs in place of the externalized tensors, so besides the model
+    itself only one tensor's bytes are held at a time.  (Unknown protobuf fields of
+    the model, graphs, nodes and attributes on that path are not kept.)  A model that
+    still references external data (loaded without its data) cannot be saved and
+    raises InputError.
+    """
+    out = Path(os.path.abspath(os.fspath(path)))
+    directory = out.parent
+    for tensor in _all_tensors(model):
+        if _is_external(tensor):
+            raise InputError(
+                f"cannot write {out}: tensor {_tensor_label(tensor)} still references external data "
+                "that was not loaded; load the model with its external data first"
+            )
+    if external_data is None:
+        external_data = _estimated_size(model) > _AUTO_EXTERNAL_BYTES
+
+    temps: list[str] = []
+
+    def new_temp(name: str) -> tuple[int, str]:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+        temps.append(tmp)
+        return fd, tmp
+
+    try:
+        mode = _file_mode_for(out)
+        data_tmp = None
+        if external_data:
+            data_name = out.name + ".data"
+            data_path = directory / data_name
+            fd, data_tmp = new_temp(data_name)
+            blob, written = _write_external(model, out, data_name, size_threshold, fd)
+            if written == 0:
+                _remove(temps)
+                data_tmp = None
+            else:
+                os.chmod(data_tmp, _file_mode_for(data_path))
+        else:
+            blob = _serialize(model, out)
+        fd, tmp = new_temp(out.name)
+        _write_and_sync(fd, blob)
+        del blob
+        os.chmod(tmp, mode)
+        if data_tmp is not None:
+            os.replace(data_tmp, data_path)
+            temps.remove(data_tmp)
+            # If the model rename below fails, the data file placed here is removed too.
+            temps.append(str(data_path))
+        os.replace(tmp, out)
+        temps.clear()
+        _fsync_dir(directory)
+    except InputError:
+        _remove(temps)
+        raise
+    except OSError as err:
+        _remove(temps)
+        raise InputError(f"cannot write {out}: {_os_reason(err)}") from None
+    except BaseException:
+        _remove(temps)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def file_digest(path: PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(os.fspath(path), "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,468 @@
+"""Find normalization candidates by walking forward from a reduction's input.
+
+Anchors are the model's ``ReduceMean`` / ``ReduceSum`` nodes (from the op-type
+index). Each anchor proposes an input ``X`` and a set of normalized axes: the
+reduction's own input, or, when that input is ``x*x`` / ``x**2``, ``x`` itself
+(RMS norm and one-pass variance start there). Each ``(X, axes)`` is walked once.
+
+The walk evaluates, with :mod:`lnfuse.symbolic`, every node reachable from ``X``
+through the modelled element-wise ops, reductions and float Casts whose other
+inputs are constants, stopping after a fixed number of nodes. A tensor whose
+value is a complete normalization of ``X`` is a candidate output ``T``; its match
+is the backward cone of ``T`` down to ``X`` and constants. A candidate is kept
+only if no tensor of the match other than ``T`` is read outside it or is a graph
+output, the whole match lives in one graph, and it does not compute the centred
+value as ``mean - x``. The deepest candidate that passes wins; further disjoint
+candidates of the same walk (two norms of one input) are kept too.
+
+The cost is bounded per anchor (``MAX_EVAL`` node evaluations), so matching is
+linear in the number of reductions in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lnfuse import symbolic as S
+from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph
+
+MAX_EVAL = 64
+ALGEBRA_OPS = frozenset(
+    {"Identity", "Cast", "Neg", "Add", "Sub", "Mul", "Div", "Reciprocal", "Sqrt", "Pow", "ReduceMean", "ReduceSum"}
+)
+REDUCE_OPS = ("ReduceMean", "ReduceSum")
+
+
+@dataclass
+class Candidate:
+    """One complete normalization found in the graph (not yet checked)."""
+
+    view: GraphView
+    x: gs.Tensor
+    axes: tuple[int, ...]  # negative axes when the rank is known or they were given negative
+    rank: int | None
+    output: gs.Tensor
+    nodes: list[gs.Node]  # the match, in graph order; nodes[-1] produces ``output``
+    form: S.NormForm
+    values: dict[int, S.Sym]
+    const_inputs: list[gs.Tensor]
+    flags: frozenset[str]
+    axes_positive: bool = False
+
+
+@dataclass
+class Refusal:
+    """Why a normalization-looking subgraph was left alone."""
+
+    reason: str
+    nodes: list[str]
+    anchor: str
+    graph: str = "main"
+
+
+@dataclass
+class WalkResult:
+    candidates: list[Candidate] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+
+def reduce_axes(mg: ModelGraph, node: gs.Node) -> tuple[list[int] | None, bool]:
+    """``(axes, ok)`` of a Reduce node: attribute (opset < 18) or constant input; None axes = all."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        val = mg.const_value(node.inputs[1])
+        if val is None:
+            return None, False
+        axes = [int(a) for a in np.asarray(val).reshape(-1)]
+        if not axes:
+            if node.attrs.get("noop_with_empty_axes", 0):
+                return None, False
+            return None, True
+        return axes, True
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]], True
+    if node.attrs.get("noop_with_empty_axes", 0):
+        return None, False
+    return None, True
+
+
+def normalize_axes(axes: list[int] | None, rank: int | None) -> tuple[int, ...] | None:
+    """Axes as sorted negative ints; None when that cannot be known (positive axes, unknown rank)."""
+    if axes is None:
+        if rank is None:
+            return None
+        return tuple(range(-rank, 0))
+    if all(a < 0 for a in axes):
+        out = sorted(set(axes))
+        if rank is not None and out[0] < -rank:
+            return None
+        return tuple(out)
+    if rank is None:
+        return None
+    if any(a >= rank or a < -rank for a in axes):
+        return None
+    return tuple(sorted({a - rank if a >= 0 else a for a in axes}))
+
+
+class Walker:
+    """Runs the bounded forward walk for every anchor of one kind of reduction."""
+
+    def __init__(self, mg: ModelGraph) -> None:
+        self.mg = mg
+        self._const_sym: dict[int, S.Sym | None] = {}
+
+    # -- proposals --------------------------------------------------------------
+    def proposals(self) -> list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]]:
+        """``(X, axes, rank, anchor)`` for every reduction anchor, deduplicated."""
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        out: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]] = []
+        for view in self.mg.views:
+            for op in REDUCE_OPS:
+                for node in view.nodes_by_op.get(op, ()):
+                    if node.domain or not node.inputs:
+                        continue
+                    xs = [node.inputs[0]]
+                    src = self.mg.producer(node.inputs[0])
+                    if src is not None and not src.domain:
+                        if src.op == "Mul" and len(src.inputs) == 2 and src.inputs[0] is src.inputs[1]:
+                            xs.append(src.inputs[0])
+                        elif src.op == "Pow" and len(src.inputs) == 2:
+                            p = self.mg.const_value(src.inputs[1])
+                            if p is not None and S.scalar_of(np.asarray(p, dtype=np.float64)) == 2.0:
+                                xs.append(src.inputs[0])
+                    raw_axes, ok = reduce_axes(self.mg, node)
+                    if not ok:
+                        continue
+                    for x in xs:
+                        rank = None
+                        axes = normalize_axes(raw_axes, None)
+                        if axes is None:
+                            shape = self.mg.shape(x)
+                            rank = len(shape) if shape is not None else None
+                            axes = normalize_axes(raw_axes, rank)
+                        if axes is None:
+                            continue
+                        key = (id(x), axes)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        positive = raw_axes is not None and all(a >= 0 for a in raw_axes)
+                        out.append((x, axes, rank, node, positive))
+        return out
+
+    # -- the walk ---------------------------------------------------------------
+    def walk(
+        self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None, anchor: gs.Node, positive: bool = False
+    ) -> WalkResult:
+        mg = self.mg
+        n_norm = self._norm_count(x, axes, rank)
+        ctx = S.Context(n_norm=n_norm)
+        values: dict[int, S.Sym] = {id(x): S.Sym.atom("X")}
+        order: list[gs.Tensor] = []
+        done: set[int] = set()
+        failures: list[tuple[gs.Node, str]] = []
+        queue: list[gs.Tensor] = [x]
+        evals = 0
+        qi = 0
+        while qi < len(queue) and evals < MAX_EVAL:
+            t = queue[qi]
+            qi += 1
+            for node in t.outputs:
+                if id(node) in done or node.op not in ALGEBRA_OPS or node.domain:
+                    continue
+                inputs: list[S.Sym] = []
+                ready = True
+                for inp in node.inputs:
+                    sym = values.get(id(inp))
+                    if sym is None:
+                        sym = self._const(inp)
+                    if sym is None:
+                        ready = False
+                        break
+                    inputs.append(sym)
+                if not ready:
+                    continue
+                done.add(id(node))
+                evals += 1
+                try:
+                    result, why = self._eval(node, inputs, axes, rank, ctx)
+                except (ValueError, ZeroDivisionError, OverflowError, FloatingPointError) as err:
+                    result, why = None, f"cannot evaluate: {err}"
+                if result is None:
+                    if why:
+                        failures.append((node, why))
+                    continue
+                out_t = node.outputs[0]
+                values[id(out_t)] = result
+                order.append(out_t)
+                queue.append(out_t)
+        res = self._select(x, axes, rank, anchor, ctx, values, order, failures)
+        for cand in res.candidates:
+            cand.axes_positive = positive
+        return res
+
+    def _norm_count(self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None) -> int | None:
+        shape = self.mg.shape(x)
+        if shape is None:
+            return None
+        n = 1
+        for a in axes:
+            if -a > len(shape):
+                return None
+            d = shape[a]
+            if not isinstance(d, int):
+                return None
+            n *= d
+        return n
+
+    def _const(self, t: gs.Tensor) -> S.Sym | None:
+        key = id(t)
+        if key not in self._const_sym:
+            val = self.mg.const_value(t)
+            if val is None or val.dtype.kind not in "fiub":
+                self._const_sym[key] = None
+            else:
+                self._const_sym[key] = S.Sym.const(val.astype(np.float64))
+        return self._const_sym[key]
+
+    def _eval(
+        self, node: gs.Node, ins: list[S.Sym], axes: tuple[int, ...], rank: int | None, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        op = node.op
+        if op == "Identity":
+            return ins[0], ""
+        if op == "Cast":
+            to = int(node.attrs.get("to", 0))
+            if to not in FLOAT_TYPES:
+                return None, "Cast to a non-float type"
+            src = self.mg.dtype(node.inputs[0])
+            if src is not None and src not in FLOAT_TYPES:
+                return None, "Cast from a non-float type"
+            return ins[0].with_flags("cast"), ""
+        if op == "Neg":
+            return S.neg(ins[0]), ""
+        if op in ("Add", "Sub"):
+            if len(ins) != 2:
+                return None, ""
+            return S.add(ins[0], ins[1], 1.0 if op == "Add" else -1.0), ""
+        if op == "Mul":
+            if len(ins) != 2:
+                return None, ""
+            res = S.mul(ins[0], ins[1])
+            if res is not None and node.inputs[0] is node.inputs[1]:
+                res = res.with_flags(*self._square_flags(node))
+            return res, ""
+        if op == "Div":
+            inv = S.reciprocal(ins[1], ctx)
+            if inv is None:
+                return None, "divisor is not a constant or a positive power of (variance + eps)"
+            return S.mul(ins[0], inv), ""
+        if op == "Reciprocal":
+            res = S.reciprocal(ins[0], ctx)
+            return res, "" if res is not None else "Reciprocal of something other than (variance + eps)"
+        if op == "Sqrt":
+            res = S.power(ins[0], Fraction(1, 2), ctx)
+            return res, "" if res is not None else "Sqrt of something other than (variance + eps)"
+        if op == "Pow":
+            p = S.scalar_of(ins[1].terms.get(S.ONE, np.asarray(0.0))) if ins[1].is_const() else None
+            if p is None or not np.isfinite(p):
+                return None, "Pow exponent is not a constant scalar"
+            frac = Fraction(p).limit_denominator(64)
+            if float(frac) != p:
+                return None, f"Pow exponent {p} is not a simple fraction"
+            if frac != 2 and frac.denominator == 1 and abs(frac) != 1:
+                return None, f"Pow exponent {p} (only 2 squares a value)"
+            res = S.power(ins[0], frac, ctx)
+            if res is not None and frac == 2:
+                res = res.with_flags(*self._square_flags(node))
+            return res, "" if res is not None else f"Pow({p}) of something other than (variance + eps)"
+        if op in REDUCE_OPS:
+            raw_axes, ok = reduce_axes(self.mg, node)
+            if not ok:
+                return None, f"{op} axes are not constant"
+            if int(node.attrs.get("keepdims", 1)) != 1:
+                return None, f"{op} with keepdims=0 no longer broadcasts per row"
+            naxes = normalize_axes(raw_axes, rank)
+            if naxes is None and rank is None:
+                shape = self.mg.shape(node.inputs[0])
+                naxes = normalize_axes(raw_axes, len(shape) if shape is not None else None)
+            if naxes != axes:
+                return None, f"{op} over axes {raw_axes}, not the normalized axes {list(axes)}"
+            res = S.reduce_mean(ins[0])
+            if res is None:
+                return None, f"{op} of a value that is not linear in x and x**2"
+            if op == "ReduceSum":
+                if ctx.n_norm is None:
+                    return None, "ReduceSum over axes of unknown size"
+                res = S.mul(res, S.Sym.const(np.asarray(float(ctx.n_norm))))
+                if res is not None:
+                    res = res.with_flags("reduce_sum")
+            return res, ""
+        return None, ""
+
+    def _square_flags(self, node: gs.Node) -> tuple[str, ...]:
+        dt = self.mg.dtype(node.outputs[0]) if node.outputs else None
+        return ("fp16_square",) if dt in (10, 16) else ()
+
+    # -- choosing outputs ---------------------------------------------------------
+    def _select(
+        self,
+        x: gs.Tensor,
+        axes: tuple[int, ...],
+        rank: int | None,
+        anchor: gs.Node,
+        ctx: S.Context,
+        values: dict[int, S.Sym],
+        order: list[gs.Tensor],
+        failures: list[tuple[gs.Node, str]],
+    ) -> WalkResult:
+        mg = self.mg
+        result = WalkResult()
+        claimed: set[int] = set()
+        complete = [(t, S.as_norm(values[id(t)], ctx)) for t in order]
+        complete = [(t, f) for t, f in complete if f is not None]
+        # Prefer the deepest output whose scale and bias are original constants
+        # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
+        pure = [(t, f) for t, f in complete if self._pure(f, values, x, t)]
+        if pure:
+            complete = pure
+        last_reason = ""
+        last_nodes: list[str] = []
+        for t, form in reversed(complete):
+            assert form is not None
+            cone, consts, why = self._cone(x, t, values)
+            if why:
+                if not last_reason:
+                    last_reason, last_nodes = why, [n.name for n in cone]
+                continue
+            if any(id(n) in claimed for n in cone):
+                continue
+            # The match must close: only the output may be seen from outside.
+            cone_ids = {id(n) for n in cone}
+            leak = ""
+            for n in cone:
+                for out in n.outputs:
+                    if out is t:
+                        continue
+                    if mg.is_graph_output(out):
+                        leak = f"intermediate '{out.name}' is a graph output"
+                        break
+                    outside = [c for c in out.outputs if id(c) not in cone_ids]
+                    if outside:
+                        leak = (
+                            f"intermediate '{out.name}' (from {n.op} '{n.name}') is also read by "
+                            f"{outside[0].op} '{outside[0].name}' outside the match"
+                        )
+                        break
+                    if S.is_negated_centering(values.get(id(out), S.Sym({}))):
+                        leak = f"centred value '{out.name}' is computed as mean - x, not x - mean"
+                        break
+                if leak:
+                    break
+            if leak:
+                if not last_reason:
+                    last_reason, last_nodes = leak, [n.name for n in cone]
+                continue
+            views = {id(mg.view_of(n)) for n in cone}
+            if len(views) != 1:
+                if not last_reason:
+                    last_reason, last_nodes = "match spans a subgraph boundary", [n.name for n in cone]
+                continue
+            view = mg.view_of(cone[-1])
+            assert view is not None
+            flags: set[str] = set(form.edef.flags)
+            for n in cone:
+                flags |= values[id(n.outputs[0])].flags
+            claimed |= cone_ids
+            result.candidates.append(
+                Candidate(
+                    view=view,
+                    x=x,
+                    axes=axes,
+                    rank=rank,
+                    output=t,
+                    nodes=cone,
+                    form=form,
+                    values=values,
+                    const_inputs=consts,
+                    flags=frozenset(flags),
+                )
+            )
+        looks_like_ln = any(e.kind == "ln" for e in ctx.edefs) or any(
+            any(a == "M" for m in v.terms for a, _ in m) and any(a.startswith("E") for m in v.terms for a, _ in m)
+            for v in values.values()
+        )
+        if not result.candidates and looks_like_ln:
+            # It computed a variance-like statistic but never became a normalization.
+            if not last_reason:
+                tail = [f"{n.op} '{n.name}': {why}" for n, why in failures[:3]]
+                last_reason = (
+                    "; ".join(tail)
+                    if tail
+                    else "the statistics never combine into (x - mean) / sqrt(var + eps) * gamma + beta"
+                )
+                last_nodes = [n.name for n, _ in failures[:3]]
+            view = mg.view_of(anchor)
+            result.refusals.append(
+                Refusal(
+                    reason=last_reason,
+                    nodes=last_nodes,
+                    anchor=anchor.name,
+                    graph=view.path if view else "main",
+                )
+            )
+        return result
+
+    def _pure(self, form: S.NormForm, values: dict[int, S.Sym], x: gs.Tensor, t: gs.Tensor) -> bool:
+        cone, consts, why = self._cone(x, t, values)
+        if why:
+            return False
+        arrays = [np.asarray(v, dtype=np.float64) for v in (self.mg.const_value(c) for c in consts) if v is not None]
+
+        def matches(coef: np.ndarray | None, trivial: float | None) -> bool:
+            if coef is None:
+                return True
+            if trivial is not None and coef.size >= 1 and np.all(coef == trivial):
+                return True
+            for arr in arrays:
+                if arr.shape == coef.shape and (np.array_equal(arr, coef) or np.array_equal(-arr, coef)):
+                    return True
+            return False
+
+        return matches(form.scale, 1.0) and matches(form.bias, None)
+
+    def _cone(
+        self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
+    ) -> tuple[list[gs.Node], list[gs.Tensor], str]:
+        """Nodes between ``x`` and ``t`` (graph order), the constants they read, or a reason."""
+        start = t.inputs[0] if t.inputs else None
+        if start is None:
+            return [], [], "output has no producer"
+        seen: set[int] = set()
+        stack = [start]
+        nodes: list[gs.Node] = []
+        consts: list[gs.Tensor] = []
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            nodes.append(n)
+            for inp in n.inputs:
+                if inp is x:
+                    continue
+                if id(inp) in values and inp.inputs:
+                    stack.append(inp.inputs[0])
+                else:
+                    consts.append(inp)
+        view = self.mg.view_of(start)
+        if view is None:
+            return nodes, consts, "node not in any graph"
+        position = view.position
+        if any(id(n) not in position for n in nodes):
+            return nodes, consts, "match spans a subgraph boundary"
+        nodes.sort(key=lambda n: position[id(n)])
+        return nodes, consts, ""

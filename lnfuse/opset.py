@@ -1,0 +1,274 @@
+"""Raise a model's default-domain opset only when every op keeps its meaning.
+
+``LayerNormalization`` exists in the default domain from opset 17 and
+``RMSNormalization`` from opset 23. To emit one into an older model, the
+model's ``""``/``ai.onnx`` opset import must be raised, and that is only safe
+when every default-domain node (subgraphs and model-local functions included)
+means the same at the new opset. For each node we compare the schema version in
+force at the old and the new opset:
+
+* same version: nothing to do;
+* a known exact conversion: applied (``ReduceSum`` / ``Squeeze`` / ``Unsqueeze``
+  axes and ``Split`` sizes move from attribute to input at 13; ``Dropout``'s
+  ``ratio`` attribute, meaningless in inference, is dropped at 12);
+* a known same-meaning change: accepted with a condition where one is needed
+  (``Softmax`` / ``LogSoftmax`` / ``Hardmax`` only over the last axis, since
+  opset 13 changed how other axes are read; ``BatchNormalization`` with a
+  single output; ``Resize`` without ``tf_half_pixel_for_nn``);
+* any other change is accepted only when the new schema keeps every attribute
+  of the old one and its inputs (types widened, attributes added with defaults
+  that keep the old behaviour: the opset 12-16 releases), and only from opset 11
+  upwards; below 11 (``Slice``, ``Pad``, ``Clip``, ``TopK``, ``Resize``... changed
+  meaning) only identical schemas pass.
+
+Anything else leaves the model unchanged, with the reason. ``RoiAlign`` (its
+default coordinate mode changed at 16) and ``Upsample`` (deprecated) always refuse.
+The IR version is raised to the minimum the new opset needs, never lowered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import onnx
+from onnx import defs, helper
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+_NEVER = frozenset({"RoiAlign", "Upsample"})
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            return int(imp.version)
+    return None
+
+
+def max_supported_opset() -> int:
+    return int(defs.onnx_opset_version())
+
+
+def min_ir_version(opset: int) -> int:
+    best = None
+    for entry in helper.VERSION_TABLE:
+        ir, op = entry[1], entry[2]
+        if op >= opset and (best is None or ir < best):
+            best = ir
+    return int(best) if best is not None else int(onnx.IR_VERSION)
+
+
+def _iter_graph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            yield node
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+
+
+def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
+    for a in node.attribute:
+        if a.name == name:
+            return a
+    return None
+
+
+def _schema_version(op: str, opset: int) -> int | None:
+    try:
+        return int(defs.get_schema(op, opset, "").since_version)
+    except Exception:
+        return None
+
+
+def _structurally_compatible(op: str, old: int, new: int) -> bool:
+    a = defs.get_schema(op, old, "")
+    b = defs.get_schema(op, new, "")
+    if not set(a.attributes) <= set(b.attributes):
+        return False
+    if len(a.inputs) != len(b.inputs):
+        return False
+    return all(x.name == y.name for x, y in zip(a.inputs, b.inputs))
+
+
+Converter = Callable[[onnx.NodeProto, "_Ctx"], None]
+
+
+class _Ctx:
+    def __init__(self, graph_inits: list[onnx.TensorProto], ranks: dict[str, int]) -> None:
+        self.new_constants = graph_inits
+        self.ranks = ranks
+        self.counter = 0
+
+
+def _move_ints_attr_to_input(name: str, position: int) -> Converter:
+    def convert(node: onnx.NodeProto, ctx: _Ctx) -> None:
+        attr = _attr(node, name)
+        if attr is None:
+            return
+        values = list(attr.ints)
+        node.attribute.remove(attr)
+        ctx.counter += 1
+        tname = f"{node.output[0]}__lnfuse_{name}"
+        ctx.new_constants.append(helper.make_tensor(tname, onnx.TensorProto.INT64, [len(values)], values))
+        while len(node.input) < position:
+            node.input.append("")
+        if len(node.input) == position:
+            node.input.append(tname)
+        else:
+            node.input[position] = tname
+
+    return convert
+
+
+def _drop_attr(name: str) -> Converter:
+    def convert(node: onnx.NodeProto, ctx: _Ctx) -> None:
+        attr = _attr(node, name)
+        if attr is not None:
+            node.attribute.remove(attr)
+
+    return convert
+
+
+_CONVERT_AT: dict[str, tuple[int, Converter]] = {
+    "ReduceSum": (13, _move_ints_attr_to_input("axes", 1)),
+    "Squeeze": (13, _move_ints_attr_to_input("axes", 1)),
+    "Unsqueeze": (13, _move_ints_attr_to_input("axes", 1)),
+    "Split": (13, _move_ints_attr_to_input("split", 1)),
+    "Dropout": (12, _drop_attr("ratio")),
+}
+for _op in (
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+):
+    _CONVERT_AT[_op] = (18, _move_ints_attr_to_input("axes", 1))
+
+
+def _condition(node: onnx.NodeProto, old: int, ctx: _Ctx) -> str | None:
+    """None if this op's change between versions does not affect ``node``, else why it does."""
+    op = node.op_type
+    if op in ("Softmax", "LogSoftmax", "Hardmax") and old < 13:
+        attr = _attr(node, "axis")
+        axis = int(attr.i) if attr is not None else 1
+        if axis == -1:
+            return None
+        rank = ctx.ranks.get(node.input[0])
+        if rank is not None and axis in (rank - 1, -1):
+            return None
+        return f"{op} over axis {axis} changed meaning at opset 13 (input rank {rank if rank else 'unknown'})"
+    if op == "BatchNormalization":
+        if sum(1 for o in node.output if o) == 1:
+            return None
+        return "BatchNormalization with training outputs changed at opset 14"
+    if op == "Resize":
+        attr = _attr(node, "coordinate_transformation_mode")
+        if attr is not None and attr.s == b"tf_half_pixel_for_nn":
+            return "Resize coordinate mode tf_half_pixel_for_nn was removed at opset 13"
+        return None
+    return None
+
+
+def plan(model: onnx.ModelProto, target: int) -> str | None:
+    """None when raising the default opset to ``target`` is exact, else the reason it is not."""
+    return _upgrade(model, target, apply=False)
+
+
+def raise_opset(model: onnx.ModelProto, target: int, new_ops: frozenset[str] = frozenset()) -> str | None:
+    """Raise ``model`` (in place) to ``target``; returns the reason and changes nothing if not exact.
+
+    ``new_ops`` are op types the caller just emitted for the new opset (they need no check).
+    """
+    reason = _upgrade(model, target, apply=False, new_ops=new_ops)
+    if reason is not None:
+        return reason
+    _upgrade(model, target, apply=True, new_ops=new_ops)
+    return None
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    ranks: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False) if model.ByteSize() < 1_800_000_000 else model
+    except Exception:
+        inferred = model
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
+
+
+def _upgrade(model: onnx.ModelProto, target: int, *, apply: bool, new_ops: frozenset[str] = frozenset()) -> str | None:
+    old = default_opset(model)
+    if old is None or old >= target:
+        if apply and old is None:
+            model.opset_import.append(helper.make_opsetid("", target))
+        return None
+    if target > max_supported_opset():
+        return f"opset {target} is newer than this onnx package supports ({max_supported_opset()})"
+    needs_ranks = any(
+        n.op_type in ("Softmax", "LogSoftmax", "Hardmax") and (n.domain in DEFAULT_DOMAINS)
+        for n in _iter_graph_nodes(model.graph)
+    )
+    ctx = _Ctx([], _ranks(model) if needs_ranks and old < 13 else {})
+    # Main graph (with subgraphs), then each model-local function with its own default opset.
+    units: list[tuple[Iterator[onnx.NodeProto], int, list[onnx.TensorProto] | None, str]] = [
+        (_iter_graph_nodes(model.graph), old, None, "graph")
+    ]
+    for fn in model.functions:
+        fold = next((int(i.version) for i in fn.opset_import if i.domain in DEFAULT_DOMAINS), None)
+        if fold is not None and fold < target:
+            units.append((iter(fn.node), fold, None, f"function {fn.name}"))
+    for nodes, from_v, _inits, where in units:
+        for node in nodes:
+            if node.domain not in DEFAULT_DOMAINS:
+                continue
+            op = node.op_type
+            if op in new_ops:
+                continue
+            a = _schema_version(op, from_v)
+            b = _schema_version(op, target)
+            if a is None:
+                return f"{op} (in {where}) is not a known ONNX op at opset {from_v}"
+            if b is None:
+                return f"{op} (in {where}) no longer exists at opset {target}"
+            if a == b:
+                continue
+            if op in _NEVER:
+                return f"{op} changes meaning between opset {from_v} and {target}"
+            conv = _CONVERT_AT.get(op)
+            if conv is not None and a < conv[0] <= b:
+                if where != "graph":
+                    return f"{op} in {where} needs a conversion that model-local functions do not support"
+                if apply:
+                    conv[1](node, ctx)
+                continue
+            if from_v < 11:
+                return f"{op} changed between opset {from_v} and {target} (schema {a} -> {b}); models below opset 11 are raised only when no op changed"
+            cond = _condition(node, from_v, ctx)
+            if cond is not None:
+                return cond
+            if not _structurally_compatible(op, a, b) and op not in ("Softmax", "LogSoftmax", "Hardmax", "BatchNormalization", "Resize"):
+                return f"{op} changed its signature between opset {from_v} and {target} (schema {a} -> {b})"
+    if apply:
+        for imp in model.opset_import:
+            if imp.domain in DEFAULT_DOMAINS:
+                imp.version = target
+        for fn in model.functions:
+            for imp in fn.opset_import:
+                if imp.domain in DEFAULT_DOMAINS and imp.version < target:
+                    imp.version = target
+        model.graph.initializer.extend(ctx.new_constants)
+        need_ir = min_ir_version(target)
+        if model.ir_version < need_ir:
+            model.ir_version = need_ir
+    return None

@@ -1,0 +1,122 @@
+"""Pass infrastructure: a pass takes the model graph and returns ``(model, modified)``.
+
+Passes run in the explicit order of :data:`lnfuse.passes.DEFAULT_PASSES`; nothing
+registers itself on import. Each pass snapshots its candidates from the op-type
+index, checks and (optionally) proves each one, schedules the rewrites and
+commits them once at the end, so a pass costs one linear sweep over the graph
+however many matches it makes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from lnfuse.graph import ModelGraph
+from lnfuse.matcher import Candidate, Refusal
+from lnfuse.report import MatchRecord, RefusalRecord, Report
+from lnfuse.rules import NormParams, NormRule
+
+
+class PassResult(NamedTuple):
+    model: ModelGraph
+    modified: bool
+
+
+@dataclass
+class PassContext:
+    """Options and shared state for one optimize run."""
+
+    report: Report
+    verify: bool = True
+    rmsnorm: bool = False
+    hoist: bool = True
+    allow_transpose: bool = True
+    emit_ok: dict[str, str | None] = field(default_factory=dict)  # op -> None if it may be emitted, else why not
+    prover: object | None = None
+
+
+class Pass(Protocol):
+    name: str
+    description: str
+
+    def enabled(self, ctx: PassContext) -> bool: ...
+
+    def __call__(self, mg: ModelGraph, ctx: PassContext) -> PassResult: ...
+
+
+class NormPass:
+    """Shared body of the LayerNormalization and RMSNormalization passes."""
+
+    name = "norm"
+    description = ""
+    rule: NormRule
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return True
+
+    def __call__(self, mg: ModelGraph, ctx: PassContext) -> PassResult:
+        rule = self.rule
+        candidates: list[Candidate] = []
+        for item in rule.pattern(mg):
+            if isinstance(item, Refusal):
+                ctx.report.refusals.append(_refusal(item, self.name))
+            else:
+                candidates.append(item)
+        blocked = ctx.emit_ok.get(rule.op)
+        modified = False
+        for cand in candidates:
+            params = rule.check(mg, cand, allow_transpose=ctx.allow_transpose)
+            if isinstance(params, Refusal):
+                ctx.report.refusals.append(_refusal(params, self.name))
+                continue
+            record = _record(mg, rule, cand, params)
+            if blocked is not None:
+                ctx.report.found_not_rewritten.append(record)
+                continue
+            if ctx.verify and ctx.prover is not None:
+                why = ctx.prover.prove(mg, rule, cand, params)  # type: ignore[attr-defined]
+                if why is not None:
+                    ctx.report.refusals.append(
+                        RefusalRecord(why, record.nodes, cand.nodes[-1].name, cand.view.path, self.name)
+                    )
+                    continue
+            rule.rewrite(mg, cand, params)
+            ctx.report.matches.append(record)
+            if "fp16_overflow_prone" in params.flags:
+                ctx.report.warnings.append(
+                    f"decomposed fp16 norm at '{cand.output.name}' overflowed for |x - mean| > ~256; "
+                    "the fused op keeps fp32 statistics (stash_type=1)"
+                )
+            modified = True
+        if modified:
+            mg.commit()
+        return PassResult(mg, modified)
+
+
+def _refusal(r: Refusal, pass_name: str) -> RefusalRecord:
+    return RefusalRecord(r.reason, tuple(r.nodes), r.anchor, r.graph, pass_name)
+
+
+def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> MatchRecord:
+    added = []
+    if p.perm is not None:
+        added += ["Transpose", "Transpose"]
+    if p.out_cast is not None:
+        added.append("Cast")
+    return MatchRecord(
+        op=p.op,
+        pattern=p.pattern,
+        graph=cand.view.path,
+        output=cand.output.name,
+        input=rule.input_of(mg, cand, p).name,
+        nodes=tuple(n.name for n in cand.nodes),
+        epsilon=p.epsilon,
+        axis=p.axis,
+        stash_type=p.stash_type,
+        normalized_shape=p.normalized_shape,
+        flags=tuple(sorted(p.flags)),
+        scale=p.scale_source,
+        bias=p.bias_source,
+        added=tuple(added),
+    )

@@ -1,0 +1,138 @@
+"""What an optimize run did: matches, refusals, opset change, timings; text and JSON renderings."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MatchRecord:
+    """One fused normalization."""
+
+    op: str  # LayerNormalization / RMSNormalization
+    pattern: str
+    graph: str
+    output: str
+    input: str
+    nodes: tuple[str, ...]
+    epsilon: float
+    axis: int
+    stash_type: int
+    normalized_shape: tuple[int, ...]
+    flags: tuple[str, ...]
+    scale: str | None = None  # name of the original initializer reused as Scale, if any
+    bias: str | None = None
+    added: tuple[str, ...] = ()  # ops added around the norm (Transpose, Cast)
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    """A normalization-looking subgraph left alone, and why."""
+
+    reason: str
+    nodes: tuple[str, ...]
+    anchor: str
+    graph: str
+    pass_name: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """Matches that share gain/bias/epsilon: the per-time-step norms of one recurrent layer."""
+
+    description: str
+    count: int
+    graph: str
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class Report:
+    """Everything ``lnfuse optimize`` says about one model."""
+
+    source: str = "<model>"
+    nodes_before: int = 0
+    nodes_after: int = 0
+    opset_before: int | None = None
+    opset_after: int | None = None
+    opset_note: str = ""
+    matches: list[MatchRecord] = field(default_factory=list)
+    refusals: list[RefusalRecord] = field(default_factory=list)
+    found_not_rewritten: list[MatchRecord] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    hoisted: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+    proofs_run: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    changed: bool = False
+    validation: dict[str, Any] | None = None
+    benchmark: dict[str, Any] | None = None
+
+    # -- summaries ------------------------------------------------------------
+    def by_pattern(self) -> dict[str, int]:
+        return dict(Counter(m.pattern for m in self.matches))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["by_pattern"] = self.by_pattern()
+        d["fused"] = len(self.matches)
+        d["refused"] = len(self.refusals)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    def render_text(self, explain: bool = False) -> str:
+        lines: list[str] = []
+        n_ln = sum(1 for m in self.matches if m.op == "LayerNormalization")
+        n_rms = sum(1 for m in self.matches if m.op == "RMSNormalization")
+        fused = f"{n_ln} LayerNormalization" + (f", {n_rms} RMSNormalization" if n_rms else "")
+        lines.append(f"{self.source}: fused {fused}")
+        if self.matches:
+            kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.by_pattern().items()))
+            lines.append(f"  patterns: {kinds}")
+        lines.append(f"  nodes: {self.nodes_before} -> {self.nodes_after}")
+        if self.opset_before != self.opset_after:
+            lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
+        else:
+            lines.append(f"  opset: {self.opset_before} (unchanged)")
+        if self.opset_note:
+            lines.append(f"  note: {self.opset_note}")
+        for g in self.groups:
+            lines.append(f"  recurrence: {g.description}")
+        for h in self.hoisted:
+            lines.append(f"  hoisted: {h}")
+        transposed = sum(1 for m in self.matches if "transposed" in m.flags)
+        if transposed:
+            lines.append(f"  transposes added around {transposed} norm(s) over non-trailing axes")
+        if self.found_not_rewritten:
+            lines.append(f"  found but not rewritten: {len(self.found_not_rewritten)} (see --explain)")
+        lines.append(f"  refused candidates: {len(self.refusals)}" + ("" if explain or not self.refusals else " (--explain lists them)"))
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        if self.validation is not None:
+            ok = self.validation.get("ok")
+            lines.append(f"  validation: {'equal' if ok else 'NOT EQUAL'} on {self.validation.get('provider', '?')}")
+        if explain:
+            for m in self.matches:
+                lines.append(
+                    f"  + {m.op} [{m.pattern}] {m.graph}: {m.input} -> {m.output} eps={m.epsilon:.9g} axis={m.axis} "
+                    f"stash_type={m.stash_type} shape={list(m.normalized_shape)}"
+                    + (f" flags={','.join(m.flags)}" if m.flags else "")
+                    + f" nodes={','.join(m.nodes)}"
+                )
+            for m in self.found_not_rewritten:
+                lines.append(f"  ~ {m.op} [{m.pattern}] {m.graph}: {m.output} found, not rewritten (nodes={','.join(m.nodes)})")
+            for r in self.refusals:
+                lines.append(f"  - refused at {r.graph}:{r.anchor}: {r.reason}" + (f" (nodes={','.join(r.nodes)})" if r.nodes else ""))
+        return "\n".join(lines)
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)

@@ -1,0 +1,356 @@
+"""The rule contract (pattern / check / rewrite) and the shared normalization rule.
+
+A rule is a small object:
+
+* ``pattern(mg)``: the candidates of this rule in the model (snapshotted from the
+  op-type index before anything is rewritten) and the refusals the matcher
+  already knows about;
+* ``check(mg, candidate)``: either a frozen :class:`NormParams` (epsilon, axis,
+  stash_type, scale, bias, ...) or a :class:`~lnfuse.matcher.Refusal` whose
+  reason ``--explain`` prints;
+* ``rewrite(mg, candidate, params)``: schedule the fused node(s) in place of the match.
+
+:class:`NormRule` implements all three for ``LayerNormalization`` (opset >= 17:
+``y = (x - mean) / sqrt(var + eps) * Scale + B`` over axes ``[axis, rank)``) and
+``RMSNormalization`` (opset >= 23: ``y = x / sqrt(mean(x**2) + eps) * Scale``).
+Scale and B are emitted with the normalized shape (``x.shape[axis:]``), in the
+dtype of the tensor the fused op reads; ``stash_type`` is 1 (float32 statistics)
+except for float64 inputs (11). Statistics over non-trailing axes are rewritten
+as ``Transpose -> norm -> Transpose`` when the rank is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lnfuse.graph import FLOAT_TYPES, ModelGraph, np_dtype
+from lnfuse.matcher import Candidate, Refusal, Walker
+
+TP = onnx.TensorProto
+SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """Everything the rewrite needs, decided by ``check``."""
+
+    op: str  # "LayerNormalization" or "RMSNormalization"
+    epsilon: float
+    axis: int
+    stash_type: int
+    normalized_shape: tuple[int, ...]
+    scale: np.ndarray  # in the fused op's dtype, shape == normalized_shape
+    bias: np.ndarray | None
+    dtype: int  # element type the fused op reads and writes
+    read_source: bool  # True: the fused op reads the tensor *before* x's Cast (16-bit island)
+    out_cast: int | None  # Cast the fused output to this type, if it differs
+    perm: tuple[int, ...] | None  # Transpose before (and inverse after) for non-trailing axes
+    pattern: str
+    flags: frozenset[str]
+    scale_source: str | None = None  # name of an original initializer reused as Scale
+    bias_source: str | None = None
+
+
+def pattern_label(cand: Candidate, mg: ModelGraph) -> str:
+    """A short human name for the way this normalization was written."""
+    ops = [n.op for n in cand.nodes]
+    flags = cand.flags
+    if cand.form.kind == "rms":
+        base = "rmsnorm"
+    elif "one_pass" in flags:
+        base = "one-pass-variance"
+    elif cand.form.edef.k != 1.0 and "reduce_sum" in flags or abs(cand.form.edef.k - 1.0) > 1e-6:
+        base = "unbiased-variance"
+    elif any(n.op == "Mul" and cand.x in n.inputs for n in cand.nodes):
+        base = "keras"
+    else:
+        square = "mul-square" if any(n.op == "Mul" and n.inputs[0] is n.inputs[1] for n in cand.nodes) else "pow-square"
+        if "Reciprocal" in ops:
+            denom = "reciprocal"
+        elif any(n.op == "Pow" and n.inputs[0] is not n.inputs[1] and _pow_exp(mg, n) in (-0.5, 0.5) for n in cand.nodes):
+            denom = "pow-rsqrt"
+        elif "Sqrt" in ops and "Div" in ops:
+            denom = "sqrt-div"
+        else:
+            denom = "other"
+        base = "pytorch" if (square, denom) == ("pow-square", "sqrt-div") else f"{square}/{denom}"
+    if "Cast" in ops or _is_cast(mg, cand.x):
+        base += "+casts"
+    return base
+
+
+def _pow_exp(mg: ModelGraph, node: gs.Node) -> float | None:
+    v = mg.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if v is None or v.size != 1:
+        return None
+    return float(np.asarray(v).reshape(-1)[0])
+
+
+def _is_cast(mg: ModelGraph, t: gs.Tensor) -> bool:
+    p = mg.producer(t)
+    return p is not None and p.op == "Cast"
+
+
+def _exactly(values: np.ndarray, elem_type: int) -> np.ndarray | None:
+    """``values`` (float64) in ``elem_type`` if no value changes, else None."""
+    if elem_type == TP.BFLOAT16:
+        return None
+    arr = values.astype(np_dtype(elem_type))
+    if not np.array_equal(arr.astype(np.float64), values):
+        return None
+    return arr
+
+
+class NormRule:
+    """Fuses one kind of normalization (``kind`` "ln" or "rms")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.op = "LayerNormalization" if kind == "ln" else "RMSNormalization"
+        self.min_opset = 17 if kind == "ln" else 23
+
+    # -- pattern ------------------------------------------------------------------
+    def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal]:
+        walker = Walker(mg)
+        claimed: set[int] = set()
+        for x, axes, rank, anchor, positive in walker.proposals():
+            res = walker.walk(x, axes, rank, anchor, positive)
+            for cand in res.candidates:
+                if cand.form.kind != self.kind:
+                    continue
+                if any(id(n) in claimed for n in cand.nodes):
+                    continue
+                claimed.update(id(n) for n in cand.nodes)
+                yield cand
+            if self.kind == "ln":
+                yield from res.refusals
+
+    # -- check ---------------------------------------------------------------------
+    def check(self, mg: ModelGraph, cand: Candidate, *, allow_transpose: bool = True) -> NormParams | Refusal:
+        def refuse(reason: str) -> Refusal:
+            view = cand.view
+            return Refusal(reason=reason, nodes=[n.name for n in cand.nodes], anchor=cand.nodes[-1].name, graph=view.path)
+
+        form = cand.form
+        x = cand.x
+        xdt = mg.dtype(x)
+        tdt = mg.dtype(cand.output)
+        if xdt not in FLOAT_TYPES:
+            return refuse(f"input '{x.name}' has a non-float or unknown type")
+        if tdt not in FLOAT_TYPES:
+            return refuse(f"output '{cand.output.name}' has a non-float or unknown type")
+        if xdt == TP.BFLOAT16 or tdt == TP.BFLOAT16:
+            return refuse("bfloat16 normalizations are not rewritten yet")
+
+        # Shapes: the normalized dims and every constant's broadcast.
+        shape = mg.shape(x)
+        rank = len(shape) if shape is not None else cand.rank
+        axes = cand.axes
+        norm_dims: dict[int, int | None] = {}
+        for a in axes:
+            d = shape[a] if shape is not None and -a <= len(shape) else None
+            norm_dims[a] = d if isinstance(d, int) else None
+        for c in cand.const_inputs:
+            val = mg.const_value(c)
+            if val is None:
+                continue
+            cshape = val.shape
+            if rank is not None and len(cshape) > rank:
+                return refuse(f"constant '{c.name}' {list(cshape)} has a higher rank than the input")
+            if rank is None and len(cshape) > len(axes) and any(d != 1 for d in cshape[: len(cshape) - len(axes)]):
+                return refuse(f"constant '{c.name}' {list(cshape)} may broadcast the input (rank unknown)")
+            if rank is None and len(cshape) > len(axes) and val.size > 1:
+                return refuse(f"constant '{c.name}' {list(cshape)}: input rank unknown")
+            for pos in range(-1, -len(cshape) - 1, -1):
+                d = int(cshape[pos])
+                if pos not in norm_dims:
+                    if d != 1:
+                        return refuse(
+                            f"constant '{c.name}' {list(cshape)} varies along axis {pos}, which is not normalized"
+                        )
+                    continue
+                known = norm_dims[pos]
+                if d == 1:
+                    continue
+                if known is None:
+                    norm_dims[pos] = d
+                elif known != d:
+                    return refuse(f"constant '{c.name}' {list(cshape)} does not match the input's dim {known} at {pos}")
+        if any(v is None for v in norm_dims.values()):
+            return refuse("normalized dims are unknown (dynamic hidden size and no full-size scale)")
+        normalized_shape = tuple(int(norm_dims[a]) for a in axes)  # type: ignore[arg-type]
+        n = int(np.prod(normalized_shape))
+
+        # Variance scaling: mean (k == 1) or unbiased N / (N - 1); anything else is not a norm.
+        k = form.edef.k
+        flags = set(cand.flags)
+        if abs(k - 1.0) > 1e-6:
+            if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and self.kind == "ln":
+                flags.add("unbiased")
+            elif "reduce_sum" in cand.flags:
+                return refuse(f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)")
+            else:
+                return refuse(f"variance is scaled by {k:.6g}: neither a mean nor an unbiased estimate")
+        eps = form.edef.eps
+        if not np.isfinite(eps) or eps < 0:
+            return refuse(f"epsilon {eps} is negative or not finite")
+
+        # Axes: trailing, or transposed into place.
+        k_axes = len(axes)
+        trailing = axes == tuple(range(-k_axes, 0))
+        perm: tuple[int, ...] | None = None
+        if trailing:
+            axis = -k_axes
+            if cand.axes_positive and rank is not None:
+                axis = rank - k_axes
+        else:
+            if rank is None:
+                return refuse("statistics over non-trailing axes and the input rank is unknown")
+            if not allow_transpose:
+                return refuse(f"statistics over non-trailing axes {list(axes)} (transposes disabled)")
+            pos_axes = [a + rank for a in axes]
+            perm = tuple([i for i in range(rank) if i not in pos_axes] + pos_axes)
+            axis = -k_axes
+            flags.add("transposed")
+
+        # Coefficients on the normalized shape.
+        def on_norm(coef: np.ndarray) -> np.ndarray:
+            arr = np.asarray(coef, dtype=np.float64)
+            width = max(arr.ndim, -min(axes))
+            arr = arr.reshape((1,) * (width - arr.ndim) + arr.shape)
+            keep = [width + a for a in axes]
+            squeeze = tuple(i for i in range(width) if i not in keep)
+            arr = arr.squeeze(axis=squeeze) if squeeze else arr
+            return np.ascontiguousarray(np.broadcast_to(arr, normalized_shape))
+
+        scale64 = on_norm(form.scale)
+        bias64 = on_norm(form.bias) if form.bias is not None else None
+
+        # Types: compute where the statistics were computed; read a 16-bit source directly when exact.
+        dtype = xdt
+        read_source = False
+        src = mg.producer(x)
+        if (
+            src is not None
+            and src.op == "Cast"
+            and xdt == TP.FLOAT
+            and mg.dtype(src.inputs[0]) == tdt
+            and tdt in SIXTEEN_BIT
+            and _exactly(scale64, tdt) is not None
+            and (bias64 is None or _exactly(bias64, tdt) is not None)
+        ):
+            dtype = tdt
+            read_source = True
+        scale = _exactly(scale64, dtype)
+        if scale is None:
+            scale = scale64.astype(np_dtype(dtype))
+        bias = None
+        if bias64 is not None:
+            bias = _exactly(bias64, dtype)
+            if bias is None:
+                bias = bias64.astype(np_dtype(dtype))
+        if not np.all(np.isfinite(scale)) or (bias is not None and not np.all(np.isfinite(bias))):
+            return refuse("scale or bias does not fit the fused op's dtype")
+        if "fp16_square" in flags:
+            flags.add("fp16_overflow_prone")
+        return NormParams(
+            op=self.op,
+            epsilon=float(np.float32(eps)),
+            axis=axis,
+            stash_type=11 if dtype == TP.DOUBLE else 1,
+            normalized_shape=normalized_shape,
+            scale=scale,
+            bias=bias,
+            dtype=dtype,
+            read_source=read_source,
+            out_cast=None if tdt == dtype else tdt,
+            perm=perm,
+            pattern=pattern_label(cand, mg),
+            flags=frozenset(flags),
+            scale_source=_reusable(mg, cand, scale),
+            bias_source=_reusable(mg, cand, bias) if bias is not None else None,
+        )
+
+    # -- rewrite -------------------------------------------------------------------
+    def build(
+        self,
+        params: NormParams,
+        inp: gs.Tensor,
+        out: gs.Tensor,
+        name: callable,  # type: ignore[valid-type]
+        scale_t: gs.Tensor | None = None,
+        bias_t: gs.Tensor | None = None,
+    ) -> list[gs.Node]:
+        """The fused node(s) reading ``inp`` and producing ``out``."""
+        nodes: list[gs.Node] = []
+        cur = inp
+        if params.perm is not None:
+            t = gs.Variable(name("lnfuse_transposed"), dtype=np_dtype(params.dtype))
+            nodes.append(gs.Node("Transpose", name=name("lnfuse/Transpose"), attrs={"perm": list(params.perm)}, inputs=[cur], outputs=[t]))
+            cur = t
+        needs_tail = params.perm is not None or params.out_cast is not None
+        norm_out = gs.Variable(name("lnfuse_normalized"), dtype=np_dtype(params.dtype)) if needs_tail else out
+        if scale_t is None:
+            scale_t = gs.Constant(name("lnfuse_scale"), params.scale)
+        ins = [cur, scale_t]
+        if params.bias is not None and params.op == "LayerNormalization":
+            ins.append(bias_t if bias_t is not None else gs.Constant(name("lnfuse_bias"), params.bias))
+        attrs: dict[str, object] = {"axis": int(params.axis), "epsilon": float(params.epsilon)}
+        if params.op == "LayerNormalization" or params.stash_type != 1:
+            attrs["stash_type"] = int(params.stash_type)
+        nodes.append(gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=[norm_out]))
+        cur = norm_out
+        if params.perm is not None:
+            inv = [0] * len(params.perm)
+            for i, p in enumerate(params.perm):
+                inv[p] = i
+            t = out if params.out_cast is None else gs.Variable(name("lnfuse_untransposed"), dtype=np_dtype(params.dtype))
+            nodes.append(gs.Node("Transpose", name=name("lnfuse/Transpose"), attrs={"perm": inv}, inputs=[cur], outputs=[t]))
+            cur = t
+        if params.out_cast is not None:
+            nodes.append(gs.Node("Cast", name=name("lnfuse/Cast"), attrs={"to": int(params.out_cast)}, inputs=[cur], outputs=[out]))
+        return nodes
+
+    def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> gs.Tensor:
+        if params.read_source:
+            src = mg.producer(cand.x)
+            assert src is not None
+            return src.inputs[0]
+        return cand.x
+
+    def rewrite(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> None:
+        inp = self.input_of(mg, cand, params)
+        out = cand.output
+        anchor = cand.nodes[-1]
+        scale_t = _find_const(cand, params.scale_source)
+        bias_t = _find_const(cand, params.bias_source)
+        mg.detach(cand.nodes)
+        new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t)
+        mg.replace(cand.view, cand.nodes, anchor, new_nodes)
+
+
+def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | None:
+    """Name of an original initializer that already holds exactly ``arr`` (so its name survives)."""
+    if arr is None:
+        return None
+    for c in cand.const_inputs:
+        if not isinstance(c, gs.Constant):
+            continue
+        val = mg.const_value(c)
+        if val is not None and val.dtype == arr.dtype and val.shape == arr.shape and np.array_equal(val, arr):
+            return c.name
+    return None
+
+
+def _find_const(cand: Candidate, name: str | None) -> gs.Tensor | None:
+    if name is None:
+        return None
+    for c in cand.const_inputs:
+        if c.name == name:
+            return c
+    return None

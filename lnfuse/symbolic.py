@@ -1,0 +1,345 @@
+"""A tiny exact algebra for recognising normalisations, whatever the op order.
+
+Layer normalization over the normalized axes ``A`` of ``x`` is
+
+    y = (x - mean_A(x)) * (var_A(x) + eps) ** -1/2 * gamma + beta
+    var_A(x) = mean_A((x - mean_A(x)) ** 2) = mean_A(x ** 2) - mean_A(x) ** 2
+
+and RMS normalization is ``y = x * (mean_A(x ** 2) + eps) ** -1/2 * gamma``.
+
+Exporters spell these in many ways (Sub/Pow/Div, Mul(d, d), Reciprocal, Pow(-0.5),
+Keras' ``x * s + (beta - mean * s)``, gamma on the numerator, commuted operands,
+Casts, one-pass variance, ReduceSum / (N - 1), ...). Instead of listing every
+chain, the matcher evaluates the candidate subgraph symbolically: every tensor
+gets a value that is a *polynomial* over a handful of per-candidate atoms
+
+* ``X``: the input being normalized,
+* ``M``: ``mean_A(X)`` (keepdims=1, constant along the normalized axes),
+* ``Q``: ``mean_A(X ** 2)``,
+* ``E<i>``: a positive per-row quantity ``V + eps`` (``V = Q - M**2`` for layer
+  norm, ``V = Q`` for RMS norm), raised to rational powers,
+
+with coefficients that are constant numpy arrays (gamma, beta, scalars). Only
+operations whose result stays exactly representable are modelled; anything else
+evaluates to ``None`` and ends the walk there. A tensor whose value is exactly
+``X*E^-1/2*G - M*E^-1/2*G + B`` *is* a layer norm of ``X`` with scale ``G`` and
+bias ``B``, whatever ops produced it, because each modelled op is applied with
+its exact real-number meaning. Floating-point rounding differs between forms
+(one-pass variance most of all), which is what the per-match numeric proof in
+:mod:`lnfuse.verify` is for.
+
+Nothing here touches a graph: :mod:`lnfuse.matcher` feeds values in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+# Monomial: sorted tuple of (atom, exponent) with exponent != 0.
+Monomial = tuple[tuple[str, Fraction], ...]
+
+MAX_TERMS = 12
+ONE: Monomial = ()
+_Q: Monomial = (("Q", Fraction(1)),)
+_M2: Monomial = (("M", Fraction(2)),)
+
+
+@dataclass(frozen=True)
+class EDef:
+    """Definition of an ``E`` atom: ``E = V + eps`` with ``V`` the biased variance (``ln``) or ``Q`` (``rms``).
+
+    The tensor that was atomized equals ``k * E``; ``k`` is 1 for a plain mean and
+    ``N / (N - 1)`` for an unbiased variance.
+    """
+
+    kind: str  # "ln" or "rms"
+    eps: float
+    k: float
+    flags: frozenset[str] = frozenset()
+
+
+@dataclass
+class Context:
+    """Per-candidate state: the normalized axes and the ``E`` atoms seen so far."""
+
+    n_norm: int | None  # number of elements per row (product of normalized dims), None if unknown
+    edefs: list[EDef] = field(default_factory=list)
+
+    def atom_for(self, edef: EDef) -> str:
+        for i, known in enumerate(self.edefs):
+            if known.kind == edef.kind and known.eps == edef.eps and known.k == edef.k:
+                return f"E{i}"
+        self.edefs.append(edef)
+        return f"E{len(self.edefs) - 1}"
+
+    def edef(self, atom: str) -> EDef:
+        return self.edefs[int(atom[1:])]
+
+
+@dataclass(frozen=True)
+class Sym:
+    """Symbolic value of a tensor: ``terms`` maps monomials to float64 coefficient arrays."""
+
+    terms: dict[Monomial, np.ndarray]
+    flags: frozenset[str] = frozenset()
+
+    # -- construction -----------------------------------------------------
+    @staticmethod
+    def atom(name: str) -> Sym:
+        return Sym({((name, Fraction(1)),): np.asarray(1.0)})
+
+    @staticmethod
+    def const(value: np.ndarray) -> Sym:
+        arr = np.asarray(value, dtype=np.float64)
+        if not np.any(arr):
+            return Sym({})
+        return Sym({ONE: arr})
+
+    def with_flags(self, *flags: str) -> Sym:
+        return Sym(self.terms, self.flags | frozenset(flags))
+
+    # -- queries ----------------------------------------------------------
+    def is_const(self) -> bool:
+        return all(m == ONE for m in self.terms)
+
+    def single(self) -> tuple[Monomial, np.ndarray] | None:
+        if len(self.terms) != 1:
+            return None
+        ((mono, coef),) = self.terms.items()
+        return mono, coef
+
+    def degree(self, atom: str) -> int:
+        return max((int(_exp(m, atom)) for m in self.terms), default=0)
+
+
+def _exp(mono: Monomial, atom: str) -> Fraction:
+    for a, e in mono:
+        if a == atom:
+            return e
+    return Fraction(0)
+
+
+def _mono_mul(a: Monomial, b: Monomial) -> Monomial:
+    out: dict[str, Fraction] = dict(a)
+    for atom, e in b:
+        out[atom] = out.get(atom, Fraction(0)) + e
+    return tuple(sorted((k, v) for k, v in out.items() if v != 0))
+
+
+def _mono_pow(a: Monomial, p: Fraction) -> Monomial:
+    return tuple(sorted((k, v * p) for k, v in a if v * p != 0))
+
+
+def _merge_flags(*syms: Sym) -> frozenset[str]:
+    out: frozenset[str] = frozenset()
+    for s in syms:
+        out |= s.flags
+    return out
+
+
+def _clean(terms: dict[Monomial, np.ndarray], flags: frozenset[str]) -> Sym | None:
+    kept = {m: c for m, c in terms.items() if np.any(c)}
+    if len(kept) > MAX_TERMS:
+        return None
+    return Sym(kept, flags)
+
+
+def add(a: Sym, b: Sym, sign: float = 1.0) -> Sym | None:
+    terms = dict(a.terms)
+    for mono, coef in b.terms.items():
+        if mono in terms:
+            terms[mono] = terms[mono] + sign * coef
+        else:
+            terms[mono] = sign * coef
+    return _clean(terms, _merge_flags(a, b))
+
+
+def neg(a: Sym) -> Sym:
+    return Sym({m: -c for m, c in a.terms.items()}, a.flags)
+
+
+def mul(a: Sym, b: Sym) -> Sym | None:
+    if len(a.terms) * len(b.terms) > 4 * MAX_TERMS:
+        return None
+    terms: dict[Monomial, np.ndarray] = {}
+    for ma, ca in a.terms.items():
+        for mb, cb in b.terms.items():
+            mono = _mono_mul(ma, mb)
+            coef = ca * cb
+            terms[mono] = terms[mono] + coef if mono in terms else coef
+    return _clean(terms, _merge_flags(a, b))
+
+
+def scalar_of(coef: np.ndarray) -> float | None:
+    """The single value of a coefficient whose elements are all equal, else None."""
+    arr = np.asarray(coef)
+    if arr.size == 0:
+        return None
+    first = float(arr.reshape(-1)[0])
+    if arr.size > 1 and not np.all(arr == first):
+        return None
+    return first
+
+
+def _as_e_power(s: Sym, ctx: Context) -> tuple[float, Monomial] | None:
+    """``s`` as ``k * prod(E_i ** p_i)`` with a positive scalar ``k``, else None.
+
+    A sum is first turned into an ``E`` atom when it has the shape of ``c*V + e``.
+    """
+    single = s.single()
+    if single is not None:
+        mono, coef = single
+        k = scalar_of(coef)
+        if k is None or k <= 0 or not all(a.startswith("E") for a, _ in mono):
+            return None
+        return k, mono
+    atomized = atomize(s, ctx)
+    if atomized is None:
+        return None
+    k, atom = atomized
+    return k, ((atom, Fraction(1)),)
+
+
+def atomize(s: Sym, ctx: Context) -> tuple[float, str] | None:
+    """Recognise ``s == c * (V + eps)`` and return ``(c, atom name)``.
+
+    ``V`` is ``Q - M**2`` (layer norm) or ``Q`` (RMS norm). ``c`` must be a
+    positive scalar and ``eps`` a non-negative scalar.
+    """
+    q = s.terms.get(_Q)
+    if q is None:
+        return None
+    c = scalar_of(q)
+    if c is None or c <= 0:
+        return None
+    m2 = s.terms.get(_M2)
+    e_coef = s.terms.get(ONE)
+    if any(m not in (_Q, _M2, ONE) for m in s.terms):
+        return None
+    if m2 is not None:
+        m2s = scalar_of(m2)
+        if m2s is None or m2s != -c:
+            return None
+        kind = "ln"
+    else:
+        kind = "rms"
+    e_total = 0.0
+    if e_coef is not None:
+        es = scalar_of(e_coef)
+        if es is None or es < 0:
+            return None
+        e_total = es
+    flags = frozenset(f for f in s.flags if f in ("one_pass", "unbiased_sum"))
+    edef = EDef(kind=kind, eps=e_total / c, k=c, flags=flags)
+    return c, ctx.atom_for(edef)
+
+
+def power(s: Sym, p: Fraction, ctx: Context) -> Sym | None:
+    """``s ** p`` for ``p == 2`` (any polynomial) or any ``p`` on a positive E-power."""
+    if p == 2:
+        return mul(s, s)
+    if p == 1:
+        return s
+    base = _as_e_power(s, ctx)
+    if base is None:
+        return None
+    k, mono = base
+    return Sym({_mono_pow(mono, p): np.asarray(k ** float(p))}, s.flags)
+
+
+def reciprocal(s: Sym, ctx: Context) -> Sym | None:
+    """``1 / s`` when ``s`` is a non-zero constant or a positive E-power."""
+    if s.is_const() and s.terms:
+        coef = s.terms[ONE]
+        if np.any(coef == 0):
+            return None
+        return Sym({ONE: 1.0 / coef}, s.flags)
+    return power(s, Fraction(-1), ctx)
+
+
+def reduce_mean(s: Sym) -> Sym | None:
+    """``mean_A(s)`` over the candidate's normalized axes (keepdims=1).
+
+    Linear; X -> M, X**2 -> Q; M, Q and E are constant along the normalized axes.
+    Coefficients must be constant along those axes too (checked by the caller,
+    who knows the axes; here only scalars are let through).
+    """
+    terms: dict[Monomial, np.ndarray] = {}
+    flags = set(s.flags)
+    pure_square = len(s.terms) == 1 and ((("X", Fraction(2)),) in s.terms)
+    for mono, coef in s.terms.items():
+        if scalar_of(coef) is None:
+            return None
+        d = _exp(mono, "X")
+        rest = tuple((a, e) for a, e in mono if a != "X")
+        if d == 0:
+            new = rest
+        elif d == 1:
+            new = _mono_mul(rest, (("M", Fraction(1)),))
+        elif d == 2:
+            if any(a == "Q" for a, _ in rest):
+                return None
+            new = _mono_mul(rest, (("Q", Fraction(1)),))
+        else:
+            return None
+        terms[new] = terms[new] + coef if new in terms else coef
+    if pure_square:
+        flags.add("one_pass")
+    return _clean(terms, frozenset(flags))
+
+
+@dataclass(frozen=True)
+class NormForm:
+    """A tensor recognised as a complete normalization of ``X``."""
+
+    kind: str  # "ln" or "rms"
+    edef: EDef
+    scale: np.ndarray  # float64, broadcastable against X
+    bias: np.ndarray | None  # float64, or None when there is no additive term
+
+
+def as_norm(s: Sym, ctx: Context) -> NormForm | None:
+    """Return the normalization ``s`` is, if it is one exactly; else None."""
+    e_atoms = {a for m in s.terms for a, _ in m if a.startswith("E")}
+    if len(e_atoms) != 1:
+        return None
+    (atom,) = e_atoms
+    edef = ctx.edef(atom)
+    half = Fraction(-1, 2)
+    x_mono: Monomial = (("X", Fraction(1)), (atom, half))
+    x_mono = tuple(sorted(x_mono))
+    m_mono: Monomial = tuple(sorted((("M", Fraction(1)), (atom, half))))
+    g = s.terms.get(x_mono)
+    if g is None:
+        return None
+    bias = s.terms.get(ONE)
+    if edef.kind == "ln":
+        gm = s.terms.get(m_mono)
+        if gm is None or len(s.terms) != 2 + (bias is not None):
+            return None
+        g_b, gm_b = np.broadcast_arrays(g, gm)
+        if not np.array_equal(gm_b, -g_b):
+            # allow products of constants evaluated in another order
+            if not np.allclose(gm_b, -g_b, rtol=1e-12, atol=0.0):
+                return None
+    else:
+        if bias is not None or len(s.terms) != 1:
+            return None
+    if not np.any(g):
+        return None
+    return NormForm(kind=edef.kind, edef=edef, scale=np.asarray(g), bias=None if bias is None else np.asarray(bias))
+
+
+def is_negated_centering(s: Sym) -> bool:
+    """True for ``c*(M - X)`` with c > 0: the centred value written as ``mean - x``."""
+    if len(s.terms) != 2:
+        return False
+    cx = s.terms.get((("X", Fraction(1)),))
+    cm = s.terms.get((("M", Fraction(1)),))
+    if cx is None or cm is None:
+        return False
+    sx, sm = scalar_of(cx), scalar_of(cm)
+    return sx is not None and sm is not None and sx < 0 and sm == -sx

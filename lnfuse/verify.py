@@ -1,0 +1,181 @@
+"""Per-match numeric proof: run the matched subgraph and the fused op on tiny tensors.
+
+Before a rewrite is kept, the match (as it was: its nodes, constants and, for a
+16-bit island, the leading Cast) and the replacement (``LayerNormalization`` /
+``RMSNormalization``, plus any Transposes or Cast) are exported as two small
+standalone models and run on ONNX Runtime's CPU provider with graph
+optimizations disabled, on seeded random inputs with the match's real dtype,
+normalized shape and constants: one ordinary case (``normal(0.5, 1)``) and one
+large-magnitude case. Outputs must agree within a dtype tolerance. The only
+disagreement tolerated is the original overflowing (inf/NaN, as a decomposed
+fp16 layer norm does when ``|x - mean|`` passes ~256) where the fused op stays
+finite. A match that disagrees is refused with the measured error.
+
+Proofs are cached by the structure of the match (ops, attributes, wiring,
+constant shapes, small constant values) and the fused parameters, so a model
+with thousands of identical blocks runs one proof per distinct block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lnfuse.graph import ModelGraph, np_dtype
+from lnfuse.matcher import Candidate
+from lnfuse.rules import NormParams, NormRule
+
+TP = onnx.TensorProto
+_TOL = {TP.FLOAT: (1e-4, 1e-4), TP.FLOAT16: (2e-2, 2e-2), TP.DOUBLE: (1e-9, 1e-9)}
+
+
+class Prover:
+    """Runs (and caches) proofs for one optimize call."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.cache: dict[str, str | None] = {}
+        self.proofs_run = 0
+
+    def prove(self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> str | None:
+        """None when the fused op reproduces the match, else a one-line reason."""
+        key = _signature(mg, cand, params)
+        if key in self.cache:
+            return self.cache[key]
+        try:
+            reason = self._prove(mg, rule, cand, params)
+        except Exception as err:  # a proof that cannot run is a refusal, never a crash
+            reason = f"numeric proof could not run: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        self.cache[key] = reason
+        return reason
+
+    def _prove(self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> str | None:
+        inp = rule.input_of(mg, cand, params)
+        in_dt = mg.dtype(inp)
+        out_dt = mg.dtype(cand.output)
+        assert in_dt is not None and out_dt is not None
+        shape = _tiny_shape(mg, cand, params)
+
+        # The original match as a standalone graph.
+        names: dict[int, gs.Tensor] = {}
+        x_in = gs.Variable("x", dtype=np_dtype(in_dt), shape=shape)
+        names[id(inp)] = x_in
+        nodes = list(cand.nodes)
+        if params.read_source:
+            cast = mg.producer(cand.x)
+            assert cast is not None
+            nodes = [cast, *nodes]
+
+        def tensor(t: gs.Tensor) -> gs.Tensor:
+            if id(t) not in names:
+                val = mg.const_value(t)
+                if val is not None and t is not cand.x:
+                    names[id(t)] = gs.Constant(f"c{len(names)}", np.array(val))
+                else:
+                    names[id(t)] = gs.Variable(f"t{len(names)}")
+            return names[id(t)]
+
+        orig_nodes = []
+        for n in nodes:
+            ins = [tensor(t) for t in n.inputs]
+            outs = [tensor(t) for t in n.outputs]
+            orig_nodes.append(gs.Node(n.op, name=n.name, attrs=dict(n.attrs), inputs=ins, outputs=outs, domain=n.domain))
+        y_orig = names[id(cand.output)]
+        y_orig.dtype = np_dtype(out_dt)
+        orig = gs.Graph(nodes=orig_nodes, inputs=[x_in], outputs=[y_orig], opset=max(self.opset, 17))
+
+        # The replacement.
+        counter = iter(range(1_000_000))
+        namer: Callable[[str], str] = lambda base: f"{base}_{next(counter)}"  # noqa: E731
+        x_f = gs.Variable("x", dtype=np_dtype(in_dt), shape=shape)
+        y_f = gs.Variable("y", dtype=np_dtype(out_dt))
+        fused_nodes = rule.build(params, x_f, y_f, namer)
+        fused = gs.Graph(nodes=fused_nodes, inputs=[x_f], outputs=[y_f], opset=max(self.opset, rule.min_opset))
+
+        sess_a = _session(orig)
+        sess_b = _session(fused)
+        rtol, atol = _TOL.get(out_dt, (1e-4, 1e-4))
+        if "one_pass" in params.flags or "unbiased" in params.flags:
+            rtol, atol = rtol * 10, atol * 10
+        rng = np.random.default_rng(1234)
+        cases = [("normal", rng.normal(0.5, 1.0, size=shape))]
+        big = 300.0 if in_dt == TP.FLOAT16 else 1000.0
+        offset = 0.0 if "one_pass" in params.flags else 3.0 * big
+        cases.append(("large-magnitude", rng.normal(offset, big, size=shape)))
+        self.proofs_run += 1
+        for label, data in cases:
+            feed = {"x": data.astype(np_dtype(in_dt))}
+            (a,) = sess_a.run(None, feed)
+            (b,) = sess_b.run(None, feed)
+            if a.shape != b.shape:
+                return f"numeric proof failed ({label}): shape {list(b.shape)} != {list(a.shape)}"
+            a64 = a.astype(np.float64)
+            b64 = b.astype(np.float64)
+            fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
+            if np.any(fin_a & ~fin_b):
+                return f"numeric proof failed ({label}): fused output is not finite where the original is"
+            both = fin_a & fin_b
+            if not np.any(both):
+                continue
+            err = np.abs(a64[both] - b64[both])
+            scale = max(float(np.max(np.abs(a64[both]))), 1.0)
+            if float(np.max(err)) > atol + rtol * scale:
+                return (
+                    f"numeric proof failed ({label}): max abs error {float(np.max(err)):.3g} "
+                    f"(tolerance {atol + rtol * scale:.3g})"
+                )
+        return None
+
+
+def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
+    shape = mg.shape(cand.x)
+    max_const_rank = max((mg.const_value(c).ndim for c in cand.const_inputs if mg.const_value(c) is not None), default=0)
+    rank = len(shape) if shape is not None else max(len(cand.axes) + 1, max_const_rank)
+    dims = [3 if i == 0 else 2 for i in range(rank)]
+    for a, d in zip(cand.axes, params.normalized_shape):
+        dims[rank + a] = int(d)
+    return dims
+
+
+def _session(graph: gs.Graph):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = 10 if graph.opset >= 18 else 8
+    if graph.opset >= 23:
+        model.ir_version = 11
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> str:
+    h = hashlib.sha256()
+    index = {id(n): i for i, n in enumerate(cand.nodes)}
+    h.update(repr((params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape)).encode())
+    h.update(repr((params.dtype, params.read_source, params.out_cast, params.perm, sorted(params.flags))).encode())
+    h.update(repr((mg.dtype(cand.x), mg.dtype(cand.output), cand.axes)).encode())
+    h.update(repr((params.scale.shape, params.bias is None)).encode())
+    for n in cand.nodes:
+        h.update(repr((n.op, n.domain, sorted((k, repr(v)) for k, v in n.attrs.items()))).encode())
+        for t in n.inputs:
+            p = t.inputs[0] if t.inputs else None
+            if t is cand.x:
+                h.update(b"X")
+            elif p is not None and id(p) in index:
+                h.update(repr(("n", index[id(p)], p.outputs.index(t) if t in p.outputs else 0)).encode())
+            else:
+                val = mg.const_value(t)
+                if val is None:
+                    h.update(b"?")
+                else:
+                    h.update(repr(("c", str(val.dtype), val.shape)).encode())
+                    if val.size <= 16:
+                        h.update(np.ascontiguousarray(val).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Fixture ONNX models: decomposed LayerNorm/RMSNorm patterns and look-alikes (see models.patterns)."""

@@ -1,0 +1,13 @@
+"""The registered rewrite passes, in the order they run.
+
+``DEFAULT_PASSES`` is an explicit tuple: importing a pass module registers nothing.
+"""
+
+from __future__ import annotations
+
+from lnfuse.passes.layer_norm import LayerNormPass
+from lnfuse.passes.rms_norm import RMSNormPass
+
+DEFAULT_PASSES = (LayerNormPass, RMSNormPass)
+
+__all__ = ["DEFAULT_PASSES", "LayerNormPass", "RMSNormPass"]

@@ -54,7 +54,9 @@ def _params(hidden: int, np_dtype: type) -> list[onnx.TensorProto]:
     return [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(beta, "beta")]
 
 
-def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], elem: int, rows: int, hidden: int, name: str):
+def _model(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], elem: int, rows: int, hidden: int, name: str
+):
     x = helper.make_tensor_value_info("x", elem, [rows, hidden])
     y = helper.make_tensor_value_info("y", elem, [rows, hidden])
     graph = helper.make_graph(nodes, name, [x], [y], inits)
@@ -107,7 +109,9 @@ def build_fused_by_hand(rows: int, hidden: int, dtype: str) -> onnx.ModelProto:
     return _model([node], _params(hidden, np_dtype), elem, rows, hidden, f"ln_fused_{dtype}")
 
 
-def fused_model(decomposed: onnx.ModelProto, rows: int, hidden: int, dtype: str) -> tuple[onnx.ModelProto, str]:
+def fused_model(
+    decomposed: onnx.ModelProto, rows: int, hidden: int, dtype: str
+) -> tuple[onnx.ModelProto, str]:
     """Fuse with ``lnfuse.optimize`` when available, else build the fused model by hand."""
     optimize = getattr(lnfuse, "optimize", None)
     if optimize is not None:

@@ -15,9 +15,9 @@ lnfuse raises a model's opset only when every op keeps its meaning.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from lnfuse.api import OptimizeResult, optimize
+from lnfuse.bench import bench
+from lnfuse.check import assert_equivalent, check
 from lnfuse.errors import InputError, LnfuseError, ProviderError, ValidationError
 from lnfuse.report import Report
 
@@ -36,20 +36,3 @@ __all__ = [
     "check",
     "optimize",
 ]
-
-if TYPE_CHECKING:
-    from lnfuse.bench import bench
-    from lnfuse.check import assert_equivalent, check
-
-
-def __getattr__(name: str) -> Any:
-    # onnxruntime is imported only by what needs it.
-    if name in ("check", "assert_equivalent"):
-        from lnfuse import check as _check
-
-        return getattr(_check, name)
-    if name == "bench":
-        from lnfuse import bench as _bench
-
-        return _bench.bench
-    raise AttributeError(name)

@@ -64,6 +64,9 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 )
 
 
+_FOLDABLE = frozenset({"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze"})
+
+
 def onnx_dtype(np_or_onnx: object) -> int | None:
     """ONNX ``TensorProto`` element type for a numpy dtype (or pass an int through)."""
     if np_or_onnx is None:
@@ -185,10 +188,52 @@ class ModelGraph:
             node = tensor.inputs[0]
             if node.op == "Constant" and not node.domain:
                 value = _constant_node_value(node)
-            elif node.op == "Identity" and not node.domain and node.inputs:
-                value = self.const_value(node.inputs[0], _depth + 1)
+            elif not node.domain and node.inputs and node.op in _FOLDABLE:
+                value = self._fold(node, _depth)
         self._const_cache[key] = value
         return value
+
+    def _fold(self, node: gs.Node, depth: int) -> np.ndarray | None:
+        """Value of a shape-only or Cast node applied to constants (what exporters put around eps/gamma)."""
+        src = self.const_value(node.inputs[0], depth + 1)
+        if src is None or src.size > 1 << 22:
+            return None
+        op = node.op
+        try:
+            if op == "Identity":
+                return src
+            if op == "Cast":
+                to = int(node.attrs.get("to", 0))
+                if to not in FLOAT_TYPES or to == onnx.TensorProto.BFLOAT16 or src.dtype.kind not in "fiu":
+                    return None
+                return src.astype(np_dtype(to))
+            if op == "Flatten":
+                axis = int(node.attrs.get("axis", 1))
+                axis = axis + src.ndim if axis < 0 else axis
+                outer = int(np.prod(src.shape[:axis])) if axis > 0 else 1
+                return src.reshape(outer, -1)
+            if op == "Reshape" and len(node.inputs) > 1:
+                shape = self.const_value(node.inputs[1], depth + 1)
+                if shape is None or int(node.attrs.get("allowzero", 0)):
+                    return None
+                dims = [int(d) for d in shape.reshape(-1)]
+                dims = [src.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+                return src.reshape(dims)
+            if op in ("Unsqueeze", "Squeeze"):
+                if len(node.inputs) > 1:
+                    axes_v = self.const_value(node.inputs[1], depth + 1)
+                    axes = None if axes_v is None else [int(a) for a in axes_v.reshape(-1)]
+                else:
+                    axes = [int(a) for a in node.attrs.get("axes", [])] or None
+                if op == "Unsqueeze":
+                    if not axes:
+                        return None
+                    out_rank = src.ndim + len(axes)
+                    return np.expand_dims(src, tuple(a + out_rank if a < 0 else a for a in axes))
+                return np.squeeze(src, axis=None if axes is None else tuple(axes))
+        except (ValueError, TypeError):
+            return None
+        return None
 
     def constant_source(self, tensor: gs.Tensor) -> gs.Tensor:
         """Follow Identity nodes back to the tensor that holds the constant."""
@@ -272,11 +317,11 @@ class ModelGraph:
         view.inserted.setdefault(id(anchor), []).extend(new_nodes)
 
     def detach(self, nodes: Iterable[gs.Node]) -> None:
-        """Disconnect ``nodes`` from their tensors, remembering Constant producers that may die."""
+        """Disconnect ``nodes`` from their tensors, remembering producers that may now be dead."""
         for n in nodes:
             for t in n.inputs:
                 src = t.inputs[0] if t.inputs else None
-                if src is not None and src.op == "Constant":
+                if src is not None:
                     v = self._node_view.get(id(src))
                     if v is not None:
                         v.maybe_dead.add(id(src))
@@ -286,7 +331,7 @@ class ModelGraph:
     def commit(self) -> int:
         """Apply scheduled rewrites in every graph, in one linear sweep each. Returns graphs changed."""
         changed = 0
-        for view in self.views:
+        for view in reversed(self.views):  # bodies before the graphs that own them
             if not view.removed and not view.inserted and not view.maybe_dead:
                 continue
             changed += 1
@@ -297,12 +342,27 @@ class ModelGraph:
                     new_list.extend(view.inserted[key])
                 if key in view.removed:
                     continue
-                if key in view.maybe_dead and all(
-                    not t.outputs and id(t) not in view.output_ids for t in node.outputs
-                ):
-                    node.outputs.clear()
-                    continue
                 new_list.append(node)
+            # Producers left without consumers by a rewrite go too, transitively (reverse order:
+            # a node's consumers come after it, so one backward sweep settles everything).
+            if view.maybe_dead:
+                dead: set[int] = set()
+                for node in reversed(new_list):
+                    key = id(node)
+                    if key not in view.maybe_dead or not node.outputs:
+                        continue
+                    if any(t.outputs or id(t) in view.output_ids for t in node.outputs):
+                        continue
+                    dead.add(key)
+                    for t in node.inputs:
+                        src = t.inputs[0] if t.inputs else None
+                        if src is not None:
+                            owner = self._node_view.get(id(src))
+                            if owner is not None:
+                                owner.maybe_dead.add(id(src))
+                    node.inputs.clear()
+                    node.outputs.clear()
+                new_list = [n for n in new_list if id(n) not in dead]
             view.graph.nodes = new_list
             view.removed = set()
             view.inserted = {}

@@ -28,7 +28,7 @@ from typing import BinaryIO, Union
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError, EncodeError, Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 
 from lnfuse.errors import InputError
@@ -52,6 +52,8 @@ _PROTOBUF_LIMIT = 2**31 - 1
 # Above this estimated size, save_model(external_data=None) writes external data.
 _AUTO_EXTERNAL_BYTES = 1_900_000_000
 _CHUNK = 1 << 20
+# resolve_output_path looks for the external data files of input models up to this size.
+_SCAN_INPUT_BYTES = 256 << 20
 # Deepest nesting of subgraphs validate_structure accepts (protobuf itself refuses to
 # parse messages nested deeper than 100 levels).
 _MAX_SUBGRAPH_DEPTH = 200
@@ -141,17 +143,6 @@ def _attr_graphs(attr: AttributeProto) -> Iterator[GraphProto]:
         yield attr.g
     elif attr.type == AttributeProto.GRAPHS:
         yield from attr.graphs
-
-
-def _iter_graphs(graph: GraphProto) -> Iterator[GraphProto]:
-    """The graph and all its (nested) subgraphs, iteratively."""
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        yield g
-        for node in g.node:
-            for attr in node.attribute:
-                stack.extend(_attr_graphs(attr))
 
 
 def _graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
@@ -637,6 +628,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _input_data_files(inp: Path) -> list[Path]:
+    """The external data files of the input model (best effort, small model files only)."""
+    try:
+        if not inp.is_file() or inp.stat().st_size > _SCAN_INPUT_BYTES:
+            return []
+        model = _read_proto(inp)
+    except (InputError, OSError):
+        return []
+    files: dict[str, Path] = {}
+    for tensor in _all_tensors(model):
+        if _is_external(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value and entry.value not in files:
+                    files[entry.value] = inp.parent / entry.value
+    return list(files.values())
+
+
 def _check_writable_dir(directory: Path, out: Path) -> None:
     shown = str(out)
     try:
@@ -666,7 +674,9 @@ def resolve_output_path(input_path: Path | None, output: PathLike | None, *, in_
 
     ``output`` None means :func:`default_output_path` of the input (or the input itself
     with ``in_place``).  Writing onto the input (same file, also through a symlink or a
-    hard link) is refused unless ``in_place``.  The output directory must exist and be
+    hard link) is refused unless ``in_place``; so is writing the output or its
+    ``<output>.data`` companion onto one of the input's external data files (checked
+    for input model files up to 256 MB, which covers models that use external data).  The output directory must exist and be
     writable (checked with a real write attempt).
     """
     inp = Path(os.fspath(input_path)) if input_path is not None else None
@@ -681,8 +691,17 @@ def resolve_output_path(input_path: Path | None, output: PathLike | None, *, in_
     out = Path(os.path.abspath(out))
     if out.is_dir():
         raise InputError(f"cannot write {out}: it is a directory")
-    if inp is not None and not in_place and _same_file(inp, out):
-        raise InputError(f"refusing to overwrite the input {inp} with the output {out}; pass --in-place")
+    if inp is not None and not in_place:
+        if _same_file(inp, out):
+            raise InputError(f"refusing to overwrite the input {inp} with the output {out}; pass --in-place")
+        companion = out.with_name(out.name + ".data")
+        for data_file in _input_data_files(inp):
+            for target in (out, companion):
+                if target.exists() and _same_file(data_file, target):
+                    raise InputError(
+                        f"refusing to overwrite {target}: it is external data of the input {inp}; "
+                        "choose another output path"
+                    )
     _check_writable_dir(out.parent, out)
     return out
 
@@ -733,11 +752,6 @@ def _tensor_bytes(tensor: TensorProto) -> bytes | None:
     return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
 
 
-def _externalizable(model: ModelProto) -> list[TensorProto]:
-    """Dense initializers of the main graph and of all its (nested) subgraphs."""
-    return [t for g in _iter_graphs(model.graph) for t in g.initializer]
-
-
 def _estimated_size(model: ModelProto) -> int:
     try:
         return model.ByteSize()
@@ -748,7 +762,7 @@ def _estimated_size(model: ModelProto) -> int:
 def _serialize(model: ModelProto, out: Path) -> bytes:
     try:
         blob = model.SerializeToString()
-    except (ValueError, RuntimeError, OverflowError) as err:
+    except (EncodeError, ValueError, RuntimeError, OverflowError) as err:
         raise InputError(
             f"cannot write {out}: the model cannot be serialized ({_one_line(err)}); "
             "save it with external data"

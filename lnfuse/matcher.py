@@ -52,6 +52,12 @@ class Candidate:
     const_inputs: list[gs.Tensor]
     flags: frozenset[str]
     axes_positive: bool = False
+    # Set by the rule's check: what the fused op reads and writes, and the nodes around the
+    # match that it also replaces (a 16-bit Cast island, a Flatten/Reshape sandwich).
+    source: gs.Tensor | None = None
+    final: gs.Tensor | None = None
+    prefix: list[gs.Node] = field(default_factory=list)
+    suffix: list[gs.Node] = field(default_factory=list)
 
 
 @dataclass
@@ -124,15 +130,17 @@ class Walker:
                 for node in view.nodes_by_op.get(op, ()):
                     if node.domain or not node.inputs:
                         continue
+                    # The reduction's input is x (a mean), or x**2 (a variance / RMS): then x is
+                    # the square's operand, and the square itself is never proposed.
                     xs = [node.inputs[0]]
                     src = self.mg.producer(node.inputs[0])
                     if src is not None and not src.domain:
                         if src.op == "Mul" and len(src.inputs) == 2 and src.inputs[0] is src.inputs[1]:
-                            xs.append(src.inputs[0])
+                            xs = [src.inputs[0]]
                         elif src.op == "Pow" and len(src.inputs) == 2:
                             p = self.mg.const_value(src.inputs[1])
                             if p is not None and S.scalar_of(np.asarray(p, dtype=np.float64)) == 2.0:
-                                xs.append(src.inputs[0])
+                                xs = [src.inputs[0]]
                     raw_axes, ok = reduce_axes(self.mg, node)
                     if not ok:
                         continue
@@ -391,7 +399,12 @@ class Walker:
                     flags=frozenset(flags),
                 )
             )
-        looks_like_ln = any(e.kind == "ln" for e in ctx.edefs) or any(
+        has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
+        stats_failure = has_mean and any(
+            n.op in ("Pow", "Sqrt", "Reciprocal", "Div", "ReduceMean", "ReduceSum") for n, _ in failures
+        )
+        keepdims_failure = any("keepdims" in why for _, why in failures)
+        looks_like_ln = stats_failure or keepdims_failure or any(e.kind == "ln" for e in ctx.edefs) or any(
             any(a == "M" for m in v.terms for a, _ in m) and any(a.startswith("E") for m in v.terms for a, _ in m)
             for v in values.values()
         )

@@ -52,6 +52,7 @@ class NormParams:
     perm: tuple[int, ...] | None  # Transpose before (and inverse after) for non-trailing axes
     pattern: str
     flags: frozenset[str]
+    pre_cast: int | None = None  # Cast the source to this type before the norm
     scale_source: str | None = None  # name of an original initializer reused as Scale
     bias_source: str | None = None
 
@@ -231,21 +232,61 @@ class NormRule:
         scale64 = on_norm(form.scale)
         bias64 = on_norm(form.bias) if form.bias is not None else None
 
-        # Types: compute where the statistics were computed; read a 16-bit source directly when exact.
+        # A Flatten/Reshape sandwich around the statistics (ONNX function expansion):
+        # normalize the original tensor directly when the rows are a suffix of its axes.
+        tdt_final = tdt
+        cand.source, cand.final, cand.prefix, cand.suffix = x, cand.output, [], []
+        sandwich = _sandwich(mg, cand)
+        if isinstance(sandwich, str):
+            return refuse(sandwich)
+        if sandwich is not None:
+            x0, prefix, suffix, final, j_axes = sandwich
+            x0_shape = mg.shape(x0)
+            if x0_shape is None or any(not isinstance(x0_shape[a], int) for a in j_axes):
+                return refuse("normalized dims of the reshaped input are not static")
+            new_shape = tuple(int(x0_shape[a]) for a in j_axes)  # type: ignore[arg-type]
+            if int(np.prod(new_shape)) != n:
+                return refuse("reshaped rows do not line up with the input's trailing axes (GroupNorm-like)")
+            scale64 = scale64.reshape(new_shape)
+            bias64 = bias64.reshape(new_shape) if bias64 is not None else None
+            normalized_shape, axis, perm = new_shape, -len(new_shape), None
+            cand.source, cand.final, cand.prefix, cand.suffix = x0, final, prefix, suffix
+            tdt_final = mg.dtype(final)
+            if tdt_final not in FLOAT_TYPES or tdt_final == TP.BFLOAT16:
+                return refuse(f"output '{final.name}' has an unsupported type")
+            flags.add("unflattened")
+        else:
+            # A 16-bit Cast island: read the 16-bit tensor directly when the result goes back to it.
+            src = mg.producer(x)
+            if (
+                src is not None
+                and src.op == "Cast"
+                and xdt == TP.FLOAT
+                and mg.dtype(src.inputs[0]) == tdt
+                and tdt in SIXTEEN_BIT
+            ):
+                cand.source, cand.prefix = src.inputs[0], [src]
+
+        # Types: the fused op computes in the source's dtype when the coefficients fit it exactly
+        # and the result is wanted in that dtype; otherwise in x's dtype (with Casts around).
+        src_dt = mg.dtype(cand.source)
         dtype = xdt
-        read_source = False
-        src = mg.producer(x)
-        if (
-            src is not None
-            and src.op == "Cast"
-            and xdt == TP.FLOAT
-            and mg.dtype(src.inputs[0]) == tdt
-            and tdt in SIXTEEN_BIT
-            and _exactly(scale64, tdt) is not None
-            and (bias64 is None or _exactly(bias64, tdt) is not None)
-        ):
-            dtype = tdt
-            read_source = True
+        pre_cast: int | None = None
+        if cand.source is not x:
+            if (
+                src_dt == tdt_final
+                and src_dt in FLOAT_TYPES
+                and src_dt != TP.BFLOAT16
+                and _exactly(scale64, src_dt) is not None
+                and (bias64 is None or _exactly(bias64, src_dt) is not None)
+            ):
+                dtype = src_dt
+            elif src_dt != xdt:
+                if not cand.suffix:  # a 16-bit island that does not fit: keep x as the input
+                    cand.source, cand.prefix = x, []
+                else:
+                    pre_cast = xdt
+        read_source = cand.source is not x
         scale = _exactly(scale64, dtype)
         if scale is None:
             scale = scale64.astype(np_dtype(dtype))
@@ -268,7 +309,8 @@ class NormRule:
             bias=bias,
             dtype=dtype,
             read_source=read_source,
-            out_cast=None if tdt == dtype else tdt,
+            out_cast=None if tdt_final == dtype else tdt_final,
+            pre_cast=pre_cast,
             perm=perm,
             pattern=pattern_label(cand, mg),
             flags=frozenset(flags),
@@ -289,6 +331,10 @@ class NormRule:
         """The fused node(s) reading ``inp`` and producing ``out``."""
         nodes: list[gs.Node] = []
         cur = inp
+        if params.pre_cast is not None:
+            t = gs.Variable(name("lnfuse_cast_in"), dtype=np_dtype(params.pre_cast))
+            nodes.append(gs.Node("Cast", name=name("lnfuse/Cast"), attrs={"to": int(params.pre_cast)}, inputs=[cur], outputs=[t]))
+            cur = t
         if params.perm is not None:
             t = gs.Variable(name("lnfuse_transposed"), dtype=np_dtype(params.dtype))
             nodes.append(gs.Node("Transpose", name=name("lnfuse/Transpose"), attrs={"perm": list(params.perm)}, inputs=[cur], outputs=[t]))
@@ -317,21 +363,82 @@ class NormRule:
         return nodes
 
     def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> gs.Tensor:
-        if params.read_source:
-            src = mg.producer(cand.x)
-            assert src is not None
-            return src.inputs[0]
-        return cand.x
+        return cand.source if cand.source is not None else cand.x
 
     def rewrite(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> None:
         inp = self.input_of(mg, cand, params)
-        out = cand.output
-        anchor = cand.nodes[-1]
+        out = cand.final if cand.final is not None else cand.output
+        replaced = [*cand.nodes, *(n for n in cand.suffix if n.op != "Shape")]
+        anchor = replaced[-1]
         scale_t = _find_const(cand, params.scale_source)
         bias_t = _find_const(cand, params.bias_source)
-        mg.detach(cand.nodes)
+        mg.detach(replaced)
         new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t)
-        mg.replace(cand.view, cand.nodes, anchor, new_nodes)
+        mg.replace(cand.view, replaced, anchor, new_nodes)
+
+
+def _sandwich(
+    mg: ModelGraph, cand: Candidate
+) -> tuple[gs.Tensor, list[gs.Node], list[gs.Node], gs.Tensor, tuple[int, ...]] | str | None:
+    """Detect ``x0 -> Flatten/Reshape -> [Cast] -> norm -> Reshape(.., shape of x0)``.
+
+    Returns ``(x0, prefix, suffix, final, x0_axes)``, a refusal reason, or None when
+    there is no sandwich (the norm over the reshaped view is then fused as it is).
+    """
+    prefix: list[gs.Node] = []
+    t = cand.x
+    p = mg.producer(t)
+    if p is not None and p.op == "Cast" and p.inputs:
+        prefix.insert(0, p)
+        t = p.inputs[0]
+        p = mg.producer(t)
+    if p is None or p.op not in ("Flatten", "Reshape") or p.domain:
+        return None
+    x0 = p.inputs[0]
+    prefix.insert(0, p)
+    outs = cand.output.outputs
+    if len(outs) != 1 or outs[0].op != "Reshape" or mg.is_graph_output(cand.output):
+        return None
+    back = outs[0]
+    if back.inputs[0] is not cand.output or len(back.inputs) < 2:
+        return None
+    shape_src = mg.producer(back.inputs[1])
+    x0_shape = mg.shape(x0)
+    suffix = [back]
+    if shape_src is not None and shape_src.op == "Shape" and shape_src.inputs[0] is x0 and not shape_src.attrs.get("start") and shape_src.attrs.get("end") is None:
+        suffix = [shape_src, back]
+    else:
+        target = mg.const_value(back.inputs[1])
+        if target is None or x0_shape is None or not all(isinstance(d, int) for d in x0_shape):
+            return None
+        if [int(v) for v in target.reshape(-1)] != list(x0_shape):
+            return None
+    view_rank = len(mg.shape(cand.x) or ()) or None
+    if p.op == "Flatten":
+        if cand.axes != (-1,):
+            return None
+        k = int(p.attrs.get("axis", 1))
+        if k < 0:
+            return x0, prefix, suffix, back.outputs[0], tuple(range(k, 0))
+        if x0_shape is None:
+            return "Flatten of an input of unknown rank"
+        r = len(x0_shape)
+        return x0, prefix, suffix, back.outputs[0], tuple(range(k - r, 0))
+    # Reshape: rows must be a suffix of x0's axes.
+    if x0_shape is None or not all(isinstance(d, int) for d in x0_shape) or view_rank is None:
+        return "statistics over a reshaped view of an input with dynamic shape (GroupNorm-like?)"
+    view_shape = mg.shape(cand.x)
+    assert view_shape is not None
+    if not all(isinstance(d, int) for d in view_shape):
+        return "statistics over a reshaped view with dynamic dims"
+    n = int(np.prod([view_shape[a] for a in cand.axes]))  # type: ignore[misc]
+    if cand.axes != tuple(range(-len(cand.axes), 0)):
+        return None
+    r = len(x0_shape)
+    for j in range(r):
+        if int(np.prod(x0_shape[j:])) == n:  # type: ignore[arg-type]
+            return x0, prefix, suffix, back.outputs[0], tuple(range(j - r, 0))
+    return "reshaped rows regroup the input's axes (GroupNorm-like), not a layer norm of the input"
 
 
 def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | None:

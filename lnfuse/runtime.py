@@ -404,8 +404,9 @@ def synthesize_inputs(
 
     * float16/32/64: ``normal(loc=0.5*scale, sd=scale)`` (a non-zero mean exposes
       LayerNorm mean bugs), or ``uniform(lo, hi)`` when ``input_ranges`` names the input.
-    * integers: ``[lo, hi)`` from ``input_ranges``; else by name: ``*mask*`` -> 0/1,
-      ``position``/``pos`` -> arange along the last dim, ``ids``/``token`` -> [0, 100),
+    * integers: ``[lo, hi)`` from ``input_ranges``; else by name: ``*mask*`` -> 0/1
+      (first position along the last axis always 1), ``position``/``pos`` -> arange along
+      the last dim, ``*type*``/``segment`` -> 0/1, ``ids``/``token`` -> [0, 100),
       anything else -> [0, 10).
     * bool: random 0/1.
     * Symbolic dims come from ``dims`` (by ``dim_param`` name), else defaults: batch-like
@@ -468,11 +469,16 @@ def _synth_one(
             tokens = _tokens(name)
             low = name.lower()
             if "mask" in low:
-                lo, hi = 0, 2
-            elif "position" in low or "pos" in tokens:
+                mask = rng.integers(0, 2, size=shape, dtype=np.int64)
+                if mask.ndim:
+                    mask[..., 0] = 1  # never mask a whole row (softmax over nothing is NaN)
+                return mask.astype(dtype)
+            if "position" in low or "pos" in tokens:
                 last = shape[-1] if shape else 1
                 base = np.arange(last, dtype=np.int64)
                 return np.broadcast_to(base, shape).astype(dtype) if shape else np.zeros((), dtype)
+            if "type" in tokens or "segment" in low:
+                lo, hi = 0, 2  # token_type_ids / segment ids: BERT-style type vocabularies are tiny
             elif "ids" in tokens or "id" in tokens or "token" in low or low.endswith("ids"):
                 lo, hi = 0, 100
             else:

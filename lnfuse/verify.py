@@ -56,7 +56,8 @@ class Prover:
     def _prove(self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> str | None:
         inp = rule.input_of(mg, cand, params)
         in_dt = mg.dtype(inp)
-        out_dt = mg.dtype(cand.output)
+        final = cand.final if cand.final is not None else cand.output
+        out_dt = mg.dtype(final)
         assert in_dt is not None and out_dt is not None
         shape = _tiny_shape(mg, cand, params)
 
@@ -64,11 +65,7 @@ class Prover:
         names: dict[int, gs.Tensor] = {}
         x_in = gs.Variable("x", dtype=np_dtype(in_dt), shape=shape)
         names[id(inp)] = x_in
-        nodes = list(cand.nodes)
-        if params.read_source:
-            cast = mg.producer(cand.x)
-            assert cast is not None
-            nodes = [cast, *nodes]
+        nodes = [*cand.prefix, *cand.nodes, *cand.suffix]
 
         def tensor(t: gs.Tensor) -> gs.Tensor:
             if id(t) not in names:
@@ -84,7 +81,7 @@ class Prover:
             ins = [tensor(t) for t in n.inputs]
             outs = [tensor(t) for t in n.outputs]
             orig_nodes.append(gs.Node(n.op, name=n.name, attrs=dict(n.attrs), inputs=ins, outputs=outs, domain=n.domain))
-        y_orig = names[id(cand.output)]
+        y_orig = names[id(final)]
         y_orig.dtype = np_dtype(out_dt)
         orig = gs.Graph(nodes=orig_nodes, inputs=[x_in], outputs=[y_orig], opset=max(self.opset, 17))
 
@@ -132,11 +129,16 @@ class Prover:
 
 
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
-    shape = mg.shape(cand.x)
-    max_const_rank = max((mg.const_value(c).ndim for c in cand.const_inputs if mg.const_value(c) is not None), default=0)
-    rank = len(shape) if shape is not None else max(len(cand.axes) + 1, max_const_rank)
+    source = cand.source if cand.source is not None else cand.x
+    shape = mg.shape(source)
+    if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) and int(np.prod(shape)) <= 1 << 16:
+        return [int(d) for d in shape]  # type: ignore[arg-type]
+    consts = [mg.const_value(c) for c in cand.const_inputs]
+    max_const_rank = max((v.ndim for v in consts if v is not None), default=0)
+    axes = tuple(range(-len(params.normalized_shape), 0)) if "unflattened" in params.flags else cand.axes
+    rank = len(shape) if shape is not None else max(len(axes) + 1, max_const_rank)
     dims = [3 if i == 0 else 2 for i in range(rank)]
-    for a, d in zip(cand.axes, params.normalized_shape):
+    for a, d in zip(axes, params.normalized_shape):
         dims[rank + a] = int(d)
     return dims
 
@@ -159,7 +161,8 @@ def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> str:
     h = hashlib.sha256()
     index = {id(n): i for i, n in enumerate(cand.nodes)}
     h.update(repr((params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape)).encode())
-    h.update(repr((params.dtype, params.read_source, params.out_cast, params.perm, sorted(params.flags))).encode())
+    h.update(repr((params.dtype, params.read_source, params.out_cast, params.pre_cast, params.perm, sorted(params.flags))).encode())
+    h.update(repr([(n.op, sorted((k, repr(v)) for k, v in n.attrs.items())) for n in (*cand.prefix, *cand.suffix)]).encode())
     h.update(repr((mg.dtype(cand.x), mg.dtype(cand.output), cand.axes)).encode())
     h.update(repr((params.scale.shape, params.bias is None)).encode())
     for n in cand.nodes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 
@@ -12,11 +13,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from lnfuse import bench as bench_mod
 from lnfuse.bench import BenchResult, LevelResult, Timing, bench
 from lnfuse.cli_runtime import bench_cmd
 from lnfuse.errors import InputError
 from lnfuse.runtime import ProviderChoice
+
+# ``lnfuse.bench`` may be re-exported as the function by lnfuse/__init__.py: get the module.
+bench_mod = importlib.import_module("lnfuse.bench")
 
 H = 16
 FAST = {"warmup": 1, "min_runs": 3, "min_time": 0.0, "max_time": 5.0, "progress": False}
@@ -61,6 +64,7 @@ def _decomposed():
 def test_single_model_levels():
     result = bench(_fused(), provider="cpu", threads=1, **FAST)
     assert isinstance(result, BenchResult)
+    assert result.spinning is None
     assert result.provider == "CPUExecutionProvider"
     assert [lv.level for lv in result.levels] == ["disable", "all"]
     for lv in result.levels:
@@ -77,6 +81,7 @@ def test_two_models_alternate_and_ratio(tmp_path):
     (level,) = result.levels
     assert level.b is not None and level.b.runs == level.a.runs
     assert level.ratio_median is not None and level.ratio_median > 0
+    assert result.spinning is False  # alternating sessions: idle pools must not spin
     assert result.model_a == str(path)
     assert result.inputs["x"]["shape"] == [4, H]
     text = result.render_text()

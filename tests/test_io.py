@@ -628,6 +628,27 @@ def test_output_equals_input_via_symlink_and_hardlink(tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before
 
 
+def test_output_onto_input_external_data_is_refused(tmp_path: Path) -> None:
+    inp = lio.save_model(make_model(), tmp_path / "model.onnx", external_data=True, size_threshold=0)
+    data = tmp_path / "model.onnx.data"
+    write_bytes(tmp_path / "x.onnx.data", b"unrelated")
+    os.symlink(data, tmp_path / "y.onnx.data")
+    os.link(data, tmp_path / "z.onnx.data")
+    before = snapshot(tmp_path)
+    # the output itself, or its <output>.data companion (via a symlink or a hard link), is the input's data
+    for out, named in (
+        (data, "model.onnx.data"),
+        (tmp_path / "y.onnx", "y.onnx.data"),
+        (tmp_path / "z.onnx", "z.onnx.data"),
+    ):
+        with pytest.raises(InputError) as err:
+            lio.resolve_output_path(inp, out)
+        check_error(err, named, "external data of the input")
+    assert lio.resolve_output_path(inp, tmp_path / "x.onnx") == tmp_path / "x.onnx"
+    assert lio.resolve_output_path(inp, None, in_place=True) == inp
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     ("rel", "needle"),
     [("afile/out.onnx", "not a directory"), ("missing/out.onnx", "does not exist"), ("adir", "directory")],

@@ -15,6 +15,7 @@ lnfuse raises a model's opset only when every op keeps its meaning.
 
 from __future__ import annotations
 
+from lnfuse import opset as opset
 from lnfuse.api import OptimizeResult, optimize
 from lnfuse.bench import bench
 from lnfuse.check import assert_equivalent, check

@@ -100,7 +100,9 @@ def optimize(
 
     from lnfuse.passes import DEFAULT_PASSES
 
-    ctx = PassContext(report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose)
+    ctx = PassContext(
+        report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose
+    )
     ctx.emit_ok = emit_ok
     if verify:
         from lnfuse.verify import Prover
@@ -120,7 +122,9 @@ def optimize(
         report.proofs_run = ctx.prover.proofs_run  # type: ignore[attr-defined]
     for op, why in emit_ok.items():
         if why is not None and any(m.op == op for m in report.found_not_rewritten):
-            report.opset_note = f"{op} needs opset {17 if op == 'LayerNormalization' else 23}; not raised: {why}"
+            report.opset_note = (
+                f"{op} needs opset {17 if op == 'LayerNormalization' else 23}; not raised: {why}"
+            )
     report.groups = _groups(report)
     t_match = time.perf_counter()
 
@@ -129,9 +133,13 @@ def optimize(
         return OptimizeResult(model=proto, report=report, changed=False)
 
     out = mg.export()
-    need = max([17 if any(m.op == "LayerNormalization" for m in report.matches) else 0]
-               + [23 if any(m.op == "RMSNormalization" for m in report.matches) else 0]
-               + [target_opset or 0])
+    need = max(
+        [
+            17 if any(m.op == "LayerNormalization" for m in report.matches) else 0,
+            23 if any(m.op == "RMSNormalization" for m in report.matches) else 0,
+            target_opset or 0,
+        ]
+    )
     if need and (old is None or old < need):
         why = opset_mod.raise_opset(out, need, frozenset(m.op for m in report.matches))
         if why is not None:  # plan() said yes; a disagreement here is a bug: stay safe
@@ -146,7 +154,9 @@ def optimize(
 
         problem = lio.checker_problem(out)
         if problem is not None and lio.checker_problem(proto) is None:
-            report.warnings.append(f"internal error: the rewritten model failed onnx.checker ({problem}); model left unchanged")
+            report.warnings.append(
+                f"internal error: the rewritten model failed onnx.checker ({problem}); model left unchanged"
+            )
             report.matches.clear()
             report.opset_after = old
             return OptimizeResult(model=proto, report=report, changed=False)

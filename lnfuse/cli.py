@@ -127,10 +127,10 @@ def optimize_cmd(
         from lnfuse import io as lio
         from lnfuse.api import optimize
 
-        out_path = lio.resolve_output_path(model, output, in_place=in_place)
         dim_map = parse_dims(dims)
         range_map = parse_ranges(ranges)
         original = lio.load_model(model)
+        out_path = lio.resolve_output_path(model, output, in_place=in_place)
         external = lio.has_external_data(model)
         result = optimize(
             original,

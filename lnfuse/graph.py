@@ -277,7 +277,7 @@ class ModelGraph:
                 return dims
             inferred = self.shape_table().get(tensor.name)
             if inferred and inferred[1] is not None and len(inferred[1]) == len(dims):
-                return tuple(d if isinstance(d, int) else i for d, i in zip(dims, inferred[1]))
+                return tuple(d if isinstance(d, int) else i for d, i in zip(dims, inferred[1], strict=False))
             return dims
         entry = self.shape_table().get(tensor.name)
         return entry[1] if entry else None
@@ -304,7 +304,9 @@ class ModelGraph:
         return name
 
     # -- rewriting ------------------------------------------------------------
-    def replace(self, view: GraphView, nodes: Iterable[gs.Node], anchor: gs.Node, new_nodes: list[gs.Node]) -> None:
+    def replace(
+        self, view: GraphView, nodes: Iterable[gs.Node], anchor: gs.Node, new_nodes: list[gs.Node]
+    ) -> None:
         """Schedule ``nodes`` for removal and ``new_nodes`` for insertion where ``anchor`` stands.
 
         The caller rewires tensors when it builds ``new_nodes`` (they produce the

@@ -32,7 +32,20 @@ from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph
 
 MAX_EVAL = 64
 ALGEBRA_OPS = frozenset(
-    {"Identity", "Cast", "Neg", "Add", "Sub", "Mul", "Div", "Reciprocal", "Sqrt", "Pow", "ReduceMean", "ReduceSum"}
+    {
+        "Identity",
+        "Cast",
+        "Neg",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Reciprocal",
+        "Sqrt",
+        "Pow",
+        "ReduceMean",
+        "ReduceSum",
+    }
 )
 REDUCE_OPS = ("ReduceMean", "ReduceSum")
 
@@ -165,7 +178,6 @@ class Walker:
     def walk(
         self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None, anchor: gs.Node, positive: bool = False
     ) -> WalkResult:
-        mg = self.mg
         n_norm = self._norm_count(x, axes, rank)
         ctx = S.Context(n_norm=n_norm)
         values: dict[int, S.Sym] = {id(x): S.Sym.atom("X")}
@@ -404,9 +416,15 @@ class Walker:
             n.op in ("Pow", "Sqrt", "Reciprocal", "Div", "ReduceMean", "ReduceSum") for n, _ in failures
         )
         keepdims_failure = any("keepdims" in why for _, why in failures)
-        looks_like_ln = stats_failure or keepdims_failure or any(e.kind == "ln" for e in ctx.edefs) or any(
-            any(a == "M" for m in v.terms for a, _ in m) and any(a.startswith("E") for m in v.terms for a, _ in m)
-            for v in values.values()
+        looks_like_ln = (
+            stats_failure
+            or keepdims_failure
+            or any(e.kind == "ln" for e in ctx.edefs)
+            or any(
+                any(a == "M" for m in v.terms for a, _ in m)
+                and any(a.startswith("E") for m in v.terms for a, _ in m)
+                for v in values.values()
+            )
         )
         if not result.candidates and looks_like_ln:
             # It computed a variance-like statistic but never became a normalization.
@@ -430,10 +448,12 @@ class Walker:
         return result
 
     def _pure(self, form: S.NormForm, values: dict[int, S.Sym], x: gs.Tensor, t: gs.Tensor) -> bool:
-        cone, consts, why = self._cone(x, t, values)
+        _cone, consts, why = self._cone(x, t, values)
         if why:
             return False
-        arrays = [np.asarray(v, dtype=np.float64) for v in (self.mg.const_value(c) for c in consts) if v is not None]
+        arrays = [
+            np.asarray(v, dtype=np.float64) for v in (self.mg.const_value(c) for c in consts) if v is not None
+        ]
 
         def matches(coef: np.ndarray | None, trivial: float | None) -> bool:
             if coef is None:

@@ -91,7 +91,7 @@ def _structurally_compatible(op: str, old: int, new: int) -> bool:
         return False
     if len(a.inputs) != len(b.inputs):
         return False
-    return all(x.name == y.name for x, y in zip(a.inputs, b.inputs))
+    return all(x.name == y.name for x, y in zip(a.inputs, b.inputs, strict=False))
 
 
 Converter = Callable[[onnx.NodeProto, "_Ctx"], None]
@@ -198,7 +198,11 @@ def raise_opset(model: onnx.ModelProto, target: int, new_ops: frozenset[str] = f
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     ranks: dict[str, int] = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False) if model.ByteSize() < 1_800_000_000 else model
+        inferred = (
+            onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            if model.ByteSize() < 1_800_000_000
+            else model
+        )
     except Exception:
         inferred = model
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -207,7 +211,9 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _upgrade(model: onnx.ModelProto, target: int, *, apply: bool, new_ops: frozenset[str] = frozenset()) -> str | None:
+def _upgrade(
+    model: onnx.ModelProto, target: int, *, apply: bool, new_ops: frozenset[str] = frozenset()
+) -> str | None:
     old = default_opset(model)
     if old is None or old >= target:
         if apply and old is None:
@@ -257,7 +263,13 @@ def _upgrade(model: onnx.ModelProto, target: int, *, apply: bool, new_ops: froze
             cond = _condition(node, from_v, ctx)
             if cond is not None:
                 return cond
-            if not _structurally_compatible(op, a, b) and op not in ("Softmax", "LogSoftmax", "Hardmax", "BatchNormalization", "Resize"):
+            if not _structurally_compatible(op, a, b) and op not in (
+                "Softmax",
+                "LogSoftmax",
+                "Hardmax",
+                "BatchNormalization",
+                "Resize",
+            ):
                 return f"{op} changed its signature between opset {from_v} and {target} (schema {a} -> {b})"
     if apply:
         for imp in model.opset_import:

@@ -32,7 +32,9 @@ class PassContext:
     rmsnorm: bool = False
     hoist: bool = True
     allow_transpose: bool = True
-    emit_ok: dict[str, str | None] = field(default_factory=dict)  # op -> None if it may be emitted, else why not
+    emit_ok: dict[str, str | None] = field(
+        default_factory=dict
+    )  # op -> None if it may be emitted, else why not
     prover: object | None = None
 
 
@@ -108,9 +110,9 @@ def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> M
         op=p.op,
         pattern=p.pattern,
         graph=cand.view.path,
-        output=cand.output.name,
+        output=(cand.final if cand.final is not None else cand.output).name,
         input=rule.input_of(mg, cand, p).name,
-        nodes=tuple(n.name for n in cand.nodes),
+        nodes=tuple(n.name or n.op for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
         epsilon=p.epsilon,
         axis=p.axis,
         stash_type=p.stash_type,

@@ -111,12 +111,17 @@ class Report:
             lines.append(f"  transposes added around {transposed} norm(s) over non-trailing axes")
         if self.found_not_rewritten:
             lines.append(f"  found but not rewritten: {len(self.found_not_rewritten)} (see --explain)")
-        lines.append(f"  refused candidates: {len(self.refusals)}" + ("" if explain or not self.refusals else " (--explain lists them)"))
+        lines.append(
+            f"  refused candidates: {len(self.refusals)}"
+            + ("" if explain or not self.refusals else " (--explain lists them)")
+        )
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         if self.validation is not None:
             ok = self.validation.get("ok")
-            lines.append(f"  validation: {'equal' if ok else 'NOT EQUAL'} on {self.validation.get('provider', '?')}")
+            lines.append(
+                f"  validation: {'equal' if ok else 'NOT EQUAL'} on {self.validation.get('provider', '?')}"
+            )
         if explain:
             for m in self.matches:
                 lines.append(
@@ -126,9 +131,14 @@ class Report:
                     + f" nodes={','.join(m.nodes)}"
                 )
             for m in self.found_not_rewritten:
-                lines.append(f"  ~ {m.op} [{m.pattern}] {m.graph}: {m.output} found, not rewritten (nodes={','.join(m.nodes)})")
+                lines.append(
+                    f"  ~ {m.op} [{m.pattern}] {m.graph}: {m.output} found, not rewritten (nodes={','.join(m.nodes)})"
+                )
             for r in self.refusals:
-                lines.append(f"  - refused at {r.graph}:{r.anchor}: {r.reason}" + (f" (nodes={','.join(r.nodes)})" if r.nodes else ""))
+                lines.append(
+                    f"  - refused at {r.graph}:{r.anchor}: {r.reason}"
+                    + (f" (nodes={','.join(r.nodes)})" if r.nodes else "")
+                )
         return "\n".join(lines)
 
 

@@ -65,15 +65,22 @@ def pattern_label(cand: Candidate, mg: ModelGraph) -> str:
         base = "rmsnorm"
     elif "one_pass" in flags:
         base = "one-pass-variance"
-    elif cand.form.edef.k != 1.0 and "reduce_sum" in flags or abs(cand.form.edef.k - 1.0) > 1e-6:
+    elif (cand.form.edef.k != 1.0 and "reduce_sum" in flags) or abs(cand.form.edef.k - 1.0) > 1e-6:
         base = "unbiased-variance"
     elif any(n.op == "Mul" and cand.x in n.inputs for n in cand.nodes):
         base = "keras"
     else:
-        square = "mul-square" if any(n.op == "Mul" and n.inputs[0] is n.inputs[1] for n in cand.nodes) else "pow-square"
+        square = (
+            "mul-square"
+            if any(n.op == "Mul" and n.inputs[0] is n.inputs[1] for n in cand.nodes)
+            else "pow-square"
+        )
         if "Reciprocal" in ops:
             denom = "reciprocal"
-        elif any(n.op == "Pow" and n.inputs[0] is not n.inputs[1] and _pow_exp(mg, n) in (-0.5, 0.5) for n in cand.nodes):
+        elif any(
+            n.op == "Pow" and n.inputs[0] is not n.inputs[1] and _pow_exp(mg, n) in (-0.5, 0.5)
+            for n in cand.nodes
+        ):
             denom = "pow-rsqrt"
         elif "Sqrt" in ops and "Div" in ops:
             denom = "sqrt-div"
@@ -107,6 +114,11 @@ def _exactly(values: np.ndarray, elem_type: int) -> np.ndarray | None:
     return arr
 
 
+def _fits(values: np.ndarray, elem_type: int) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.all(np.isfinite(values.astype(np_dtype(elem_type)))))
+
+
 class NormRule:
     """Fuses one kind of normalization (``kind`` "ln" or "rms")."""
 
@@ -135,7 +147,12 @@ class NormRule:
     def check(self, mg: ModelGraph, cand: Candidate, *, allow_transpose: bool = True) -> NormParams | Refusal:
         def refuse(reason: str) -> Refusal:
             view = cand.view
-            return Refusal(reason=reason, nodes=[n.name for n in cand.nodes], anchor=cand.nodes[-1].name, graph=view.path)
+            return Refusal(
+                reason=reason,
+                nodes=[n.name or n.op for n in cand.nodes],
+                anchor=cand.nodes[-1].name or cand.nodes[-1].op,
+                graph=view.path,
+            )
 
         form = cand.form
         x = cand.x
@@ -163,7 +180,11 @@ class NormRule:
             cshape = val.shape
             if rank is not None and len(cshape) > rank:
                 return refuse(f"constant '{c.name}' {list(cshape)} has a higher rank than the input")
-            if rank is None and len(cshape) > len(axes) and any(d != 1 for d in cshape[: len(cshape) - len(axes)]):
+            if (
+                rank is None
+                and len(cshape) > len(axes)
+                and any(d != 1 for d in cshape[: len(cshape) - len(axes)])
+            ):
                 return refuse(f"constant '{c.name}' {list(cshape)} may broadcast the input (rank unknown)")
             if rank is None and len(cshape) > len(axes) and val.size > 1:
                 return refuse(f"constant '{c.name}' {list(cshape)}: input rank unknown")
@@ -181,7 +202,9 @@ class NormRule:
                 if known is None:
                     norm_dims[pos] = d
                 elif known != d:
-                    return refuse(f"constant '{c.name}' {list(cshape)} does not match the input's dim {known} at {pos}")
+                    return refuse(
+                        f"constant '{c.name}' {list(cshape)} does not match the input's dim {known} at {pos}"
+                    )
         if any(v is None for v in norm_dims.values()):
             return refuse("normalized dims are unknown (dynamic hidden size and no full-size scale)")
         normalized_shape = tuple(int(norm_dims[a]) for a in axes)  # type: ignore[arg-type]
@@ -194,7 +217,9 @@ class NormRule:
             if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and self.kind == "ln":
                 flags.add("unbiased")
             elif "reduce_sum" in cand.flags:
-                return refuse(f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)")
+                return refuse(
+                    f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)"
+                )
             else:
                 return refuse(f"variance is scaled by {k:.6g}: neither a mean nor an unbiased estimate")
         eps = form.edef.eps
@@ -273,12 +298,14 @@ class NormRule:
         dtype = xdt
         pre_cast: int | None = None
         if cand.source is not x:
+            # The result is wanted in the source's (16-bit) type anyway, so Scale/B rounded to it
+            # cost at most about one unit in the last place of the output; they must stay finite.
             if (
                 src_dt == tdt_final
                 and src_dt in FLOAT_TYPES
                 and src_dt != TP.BFLOAT16
-                and _exactly(scale64, src_dt) is not None
-                and (bias64 is None or _exactly(bias64, src_dt) is not None)
+                and _fits(scale64, src_dt)
+                and (bias64 is None or _fits(bias64, src_dt))
             ):
                 dtype = src_dt
             elif src_dt != xdt:
@@ -312,7 +339,9 @@ class NormRule:
             out_cast=None if tdt_final == dtype else tdt_final,
             pre_cast=pre_cast,
             perm=perm,
-            pattern=pattern_label(cand, mg),
+            pattern=("function-expanded" if "one_pass" in flags else "reshaped")
+            if "unflattened" in flags
+            else pattern_label(cand, mg),
             flags=frozenset(flags),
             scale_source=_reusable(mg, cand, scale),
             bias_source=_reusable(mg, cand, bias) if bias is not None else None,
@@ -333,11 +362,27 @@ class NormRule:
         cur = inp
         if params.pre_cast is not None:
             t = gs.Variable(name("lnfuse_cast_in"), dtype=np_dtype(params.pre_cast))
-            nodes.append(gs.Node("Cast", name=name("lnfuse/Cast"), attrs={"to": int(params.pre_cast)}, inputs=[cur], outputs=[t]))
+            nodes.append(
+                gs.Node(
+                    "Cast",
+                    name=name("lnfuse/Cast"),
+                    attrs={"to": int(params.pre_cast)},
+                    inputs=[cur],
+                    outputs=[t],
+                )
+            )
             cur = t
         if params.perm is not None:
             t = gs.Variable(name("lnfuse_transposed"), dtype=np_dtype(params.dtype))
-            nodes.append(gs.Node("Transpose", name=name("lnfuse/Transpose"), attrs={"perm": list(params.perm)}, inputs=[cur], outputs=[t]))
+            nodes.append(
+                gs.Node(
+                    "Transpose",
+                    name=name("lnfuse/Transpose"),
+                    attrs={"perm": list(params.perm)},
+                    inputs=[cur],
+                    outputs=[t],
+                )
+            )
             cur = t
         needs_tail = params.perm is not None or params.out_cast is not None
         norm_out = gs.Variable(name("lnfuse_normalized"), dtype=np_dtype(params.dtype)) if needs_tail else out
@@ -349,17 +394,35 @@ class NormRule:
         attrs: dict[str, object] = {"axis": int(params.axis), "epsilon": float(params.epsilon)}
         if params.op == "LayerNormalization" or params.stash_type != 1:
             attrs["stash_type"] = int(params.stash_type)
-        nodes.append(gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=[norm_out]))
+        nodes.append(
+            gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=[norm_out])
+        )
         cur = norm_out
         if params.perm is not None:
             inv = [0] * len(params.perm)
             for i, p in enumerate(params.perm):
                 inv[p] = i
-            t = out if params.out_cast is None else gs.Variable(name("lnfuse_untransposed"), dtype=np_dtype(params.dtype))
-            nodes.append(gs.Node("Transpose", name=name("lnfuse/Transpose"), attrs={"perm": inv}, inputs=[cur], outputs=[t]))
+            t = (
+                out
+                if params.out_cast is None
+                else gs.Variable(name("lnfuse_untransposed"), dtype=np_dtype(params.dtype))
+            )
+            nodes.append(
+                gs.Node(
+                    "Transpose", name=name("lnfuse/Transpose"), attrs={"perm": inv}, inputs=[cur], outputs=[t]
+                )
+            )
             cur = t
         if params.out_cast is not None:
-            nodes.append(gs.Node("Cast", name=name("lnfuse/Cast"), attrs={"to": int(params.out_cast)}, inputs=[cur], outputs=[out]))
+            nodes.append(
+                gs.Node(
+                    "Cast",
+                    name=name("lnfuse/Cast"),
+                    attrs={"to": int(params.out_cast)},
+                    inputs=[cur],
+                    outputs=[out],
+                )
+            )
         return nodes
 
     def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> gs.Tensor:
@@ -405,7 +468,13 @@ def _sandwich(
     shape_src = mg.producer(back.inputs[1])
     x0_shape = mg.shape(x0)
     suffix = [back]
-    if shape_src is not None and shape_src.op == "Shape" and shape_src.inputs[0] is x0 and not shape_src.attrs.get("start") and shape_src.attrs.get("end") is None:
+    if (
+        shape_src is not None
+        and shape_src.op == "Shape"
+        and shape_src.inputs[0] is x0
+        and not shape_src.attrs.get("start")
+        and shape_src.attrs.get("end") is None
+    ):
         suffix = [shape_src, back]
     else:
         target = mg.const_value(back.inputs[1])

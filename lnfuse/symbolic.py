@@ -321,16 +321,17 @@ def as_norm(s: Sym, ctx: Context) -> NormForm | None:
         if gm is None or len(s.terms) != 2 + (bias is not None):
             return None
         g_b, gm_b = np.broadcast_arrays(g, gm)
-        if not np.array_equal(gm_b, -g_b):
-            # allow products of constants evaluated in another order
-            if not np.allclose(gm_b, -g_b, rtol=1e-12, atol=0.0):
-                return None
+        # Equal up to products of constants evaluated in another order.
+        if not np.array_equal(gm_b, -g_b) and not np.allclose(gm_b, -g_b, rtol=1e-12, atol=0.0):
+            return None
     else:
         if bias is not None or len(s.terms) != 1:
             return None
     if not np.any(g):
         return None
-    return NormForm(kind=edef.kind, edef=edef, scale=np.asarray(g), bias=None if bias is None else np.asarray(bias))
+    return NormForm(
+        kind=edef.kind, edef=edef, scale=np.asarray(g), bias=None if bias is None else np.asarray(bias)
+    )
 
 
 def is_negated_centering(s: Sym) -> bool:

@@ -80,7 +80,9 @@ class Prover:
         for n in nodes:
             ins = [tensor(t) for t in n.inputs]
             outs = [tensor(t) for t in n.outputs]
-            orig_nodes.append(gs.Node(n.op, name=n.name, attrs=dict(n.attrs), inputs=ins, outputs=outs, domain=n.domain))
+            orig_nodes.append(
+                gs.Node(n.op, name=n.name, attrs=dict(n.attrs), inputs=ins, outputs=outs, domain=n.domain)
+            )
         y_orig = names[id(final)]
         y_orig.dtype = np_dtype(out_dt)
         orig = gs.Graph(nodes=orig_nodes, inputs=[x_in], outputs=[y_orig], opset=max(self.opset, 17))
@@ -91,7 +93,9 @@ class Prover:
         x_f = gs.Variable("x", dtype=np_dtype(in_dt), shape=shape)
         y_f = gs.Variable("y", dtype=np_dtype(out_dt))
         fused_nodes = rule.build(params, x_f, y_f, namer)
-        fused = gs.Graph(nodes=fused_nodes, inputs=[x_f], outputs=[y_f], opset=max(self.opset, rule.min_opset))
+        fused = gs.Graph(
+            nodes=fused_nodes, inputs=[x_f], outputs=[y_f], opset=max(self.opset, rule.min_opset)
+        )
 
         sess_a = _session(orig)
         sess_b = _session(fused)
@@ -131,14 +135,18 @@ class Prover:
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
     source = cand.source if cand.source is not None else cand.x
     shape = mg.shape(source)
-    if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) and int(np.prod(shape)) <= 1 << 16:
+    if (
+        shape is not None
+        and all(isinstance(d, int) and d > 0 for d in shape)
+        and int(np.prod(shape)) <= 1 << 16
+    ):
         return [int(d) for d in shape]  # type: ignore[arg-type]
     consts = [mg.const_value(c) for c in cand.const_inputs]
     max_const_rank = max((v.ndim for v in consts if v is not None), default=0)
     axes = tuple(range(-len(params.normalized_shape), 0)) if "unflattened" in params.flags else cand.axes
     rank = len(shape) if shape is not None else max(len(axes) + 1, max_const_rank)
     dims = [3 if i == 0 else 2 for i in range(rank)]
-    for a, d in zip(axes, params.normalized_shape):
+    for a, d in zip(axes, params.normalized_shape, strict=False):
         dims[rank + a] = int(d)
     return dims
 
@@ -160,9 +168,26 @@ def _session(graph: gs.Graph):  # type: ignore[no-untyped-def]
 def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> str:
     h = hashlib.sha256()
     index = {id(n): i for i, n in enumerate(cand.nodes)}
-    h.update(repr((params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape)).encode())
-    h.update(repr((params.dtype, params.read_source, params.out_cast, params.pre_cast, params.perm, sorted(params.flags))).encode())
-    h.update(repr([(n.op, sorted((k, repr(v)) for k, v in n.attrs.items())) for n in (*cand.prefix, *cand.suffix)]).encode())
+    h.update(
+        repr((params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape)).encode()
+    )
+    h.update(
+        repr(
+            (
+                params.dtype,
+                params.read_source,
+                params.out_cast,
+                params.pre_cast,
+                params.perm,
+                sorted(params.flags),
+            )
+        ).encode()
+    )
+    h.update(
+        repr(
+            [(n.op, sorted((k, repr(v)) for k, v in n.attrs.items())) for n in (*cand.prefix, *cand.suffix)]
+        ).encode()
+    )
     h.update(repr((mg.dtype(cand.x), mg.dtype(cand.output), cand.axes)).encode())
     h.update(repr((params.scale.shape, params.bias is None)).encode())
     for n in cand.nodes:

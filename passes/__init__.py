@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from lnfuse.passes.layer_norm import LayerNormPass
 from lnfuse.passes.rms_norm import RMSNormPass
+from lnfuse.passes.rnn_hoist import RnnHoistPass
 
-DEFAULT_PASSES = (LayerNormPass, RMSNormPass)
+DEFAULT_PASSES = (LayerNormPass, RMSNormPass, RnnHoistPass)
 
 __all__ = ["DEFAULT_PASSES", "LayerNormPass", "RMSNormPass"]

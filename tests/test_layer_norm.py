@@ -1,0 +1,231 @@
+"""The LayerNorm / RMSNorm passes over every fixture form and look-alike.
+
+For each positive case: the optimized model holds exactly the expected number of
+fused ops and no decomposed statistics, passes the full checker, keeps its graph
+inputs/outputs, matches the original at ORT_DISABLE_ALL within the dtype
+tolerance (fp32 1e-5 relative to the output's scale), and a second run changes
+nothing. For each look-alike: the op list is unchanged and --explain has a reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import lnfuse
+from lnfuse.api import _all_nodes
+from models import patterns
+
+TP = onnx.TensorProto
+RTOL = {TP.FLOAT: 1e-5, TP.DOUBLE: 1e-9, TP.FLOAT16: 1e-2}
+DECOMPOSED = ("ReduceMean", "Sqrt", "Reciprocal", "ReduceSum")
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in _all_nodes(model.graph))
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_close(ref: np.ndarray, got: np.ndarray, rtol: float) -> None:
+    assert ref.shape == got.shape and ref.dtype == got.dtype
+    r = ref.astype(np.float64)
+    g = got.astype(np.float64)
+    scale = max(float(np.max(np.abs(r))), 1.0)
+    err = float(np.max(np.abs(r - g)))
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def elem_type(model: onnx.ModelProto, name: str) -> int:
+    for vi in model.graph.output:
+        if vi.name == name:
+            return vi.type.tensor_type.elem_type
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("case", patterns.POSITIVE, ids=lambda c: c.name)
+def test_positive_case_is_fused_exactly(case: patterns.Case) -> None:
+    model = case.build()
+    before = op_counts(model)
+    result = lnfuse.optimize(model, **dict(case.options))
+    out = result.model
+    counts = op_counts(out)
+    assert counts["LayerNormalization"] == case.expect_ln
+    assert counts["RMSNormalization"] == case.expect_rms
+    assert result.changed
+    # No decomposed statistics are left behind (these cases hold norms only).
+    for op in DECOMPOSED:
+        assert counts[op] == 0, f"{op} left: {dict(counts)} (was {dict(before)})"
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+    assert [o.type for o in out.graph.output] == [o.type for o in model.graph.output]
+    need = 23 if case.expect_rms else 17
+    assert lnfuse.opset.default_opset(out) >= need
+    assert out.ir_version <= 11
+    for seed in (0, 1):
+        feeds = {"x": patterns.make_input(model, seed=seed)}
+        for ref, got in zip(run(model, feeds), run(out, feeds), strict=False):
+            dt = elem_type(model, model.graph.output[0].name)
+            rtol = max(case.rtol or 0.0, RTOL.get(dt, 1e-5))
+            assert_close(ref, got, rtol)
+    again = lnfuse.optimize(out, **dict(case.options))
+    assert not again.changed
+    assert again.model is out
+
+
+@pytest.mark.parametrize("case", patterns.NEGATIVE, ids=lambda c: c.name)
+def test_lookalike_is_left_unchanged(case: patterns.Case) -> None:
+    model = case.build()
+    result = lnfuse.optimize(model, **dict(case.options))
+    assert not result.changed
+    assert result.model is model
+    assert op_counts(result.model) == op_counts(model)
+    assert not result.report.matches
+
+
+REASONS = {
+    "neg_sub_reversed": "mean - x",
+    "neg_div_reversed": "divisor",
+    "neg_pow3": "Pow exponent 3",
+    "neg_reducesum_var": "ReduceSum",
+    "neg_eps_outside_sqrt": "divisor",
+    "neg_axes_mismatch": "axes",
+    "neg_nontrailing_stats_gamma_last": "not normalized",
+    "neg_keepdims0": "keepdims=0",
+    "neg_gamma_broadcast_batch": "not normalized",
+    "neg_mean_consumed_outside": "outside the match",
+    "neg_centered_is_graph_output": "graph output",
+    "neg_variance_consumed_outside": "outside the match",
+    "neg_batchnorm_like": "not normalized",
+    "neg_instancenorm_like": "not normalized",
+    "neg_groupnorm_like": "GroupNorm",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REASONS))
+def test_lookalike_refusal_says_why(name: str) -> None:
+    result = lnfuse.optimize(patterns.ALL[name].build())
+    reasons = " | ".join(r.reason for r in result.report.refusals)
+    assert REASONS[name] in reasons, reasons
+    assert "refused" in result.report.render_text(explain=True)
+
+
+def test_epsilon_and_axis_are_exact() -> None:
+    result = lnfuse.optimize(patterns.ALL["eps_weird"].build())
+    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in ln.attribute}
+    assert attrs["epsilon"] == np.float32(1.234567e-7)
+    assert attrs["axis"] == -1
+    assert attrs["stash_type"] == 1
+
+
+def test_positive_axes_keep_positive_axis() -> None:
+    result = lnfuse.optimize(patterns.ALL["positive_axes_static"].build())
+    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    axis = next(a.i for a in ln.attribute if a.name == "axis")
+    assert axis == 2
+
+
+def test_two_trailing_axes_scale_has_normalized_shape() -> None:
+    result = lnfuse.optimize(patterns.ALL["two_trailing_axes"].build())
+    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    inits = {i.name: i for i in result.model.graph.initializer}
+    scale = inits[ln.input[1]]
+    assert len(scale.dims) == 2
+    assert next(a.i for a in ln.attribute if a.name == "axis") == -2
+
+
+def test_no_affine_emits_ones_scale() -> None:
+    result = lnfuse.optimize(patterns.ALL["no_affine"].build())
+    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert np.all(inits[ln.input[1]] == 1.0)
+    assert len(ln.input) == 2
+
+
+def test_fp16_island_reads_fp16_directly() -> None:
+    result = lnfuse.optimize(patterns.ALL["cast_island_fp16"].build())
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops == ["LayerNormalization"]
+    ln = result.model.graph.node[0]
+    assert next(a.i for a in ln.attribute if a.name == "stash_type") == 1
+
+
+def test_float64_uses_double_statistics() -> None:
+    result = lnfuse.optimize(patterns.ALL["eps_float64_graph"].build())
+    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    assert next(a.i for a in ln.attribute if a.name == "stash_type") == TP.DOUBLE
+
+
+def test_channels_first_adds_transposes_and_says_so() -> None:
+    result = lnfuse.optimize(patterns.ALL["channels_first_ln"].build())
+    assert [n.op_type for n in result.model.graph.node] == ["Transpose", "LayerNormalization", "Transpose"]
+    assert "transposes added" in result.report.render_text()
+    off = lnfuse.optimize(patterns.ALL["channels_first_ln"].build(), allow_transpose=False)
+    assert not off.changed
+
+
+def test_function_expanded_becomes_one_op() -> None:
+    result = lnfuse.optimize(patterns.ALL["function_expanded"].build())
+    assert [n.op_type for n in result.model.graph.node] == ["LayerNormalization"]
+    assert result.report.matches[0].pattern == "function-expanded"
+
+
+def test_unbiased_variance_folds_into_epsilon_and_scale() -> None:
+    case = patterns.ALL["unbiased_variance"]
+    result = lnfuse.optimize(case.build())
+    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
+    eps = next(a.f for a in ln.attribute if a.name == "epsilon")
+    m = result.report.matches[0]
+    assert "unbiased" in m.flags
+    assert eps > 0
+
+
+def test_rmsnorm_is_opt_in_and_raises_opset_to_23() -> None:
+    model = patterns.ALL["rmsnorm_plain_fp32"].build()
+    off = lnfuse.optimize(model)
+    assert not off.changed
+    on = lnfuse.optimize(model, rmsnorm=True)
+    assert lnfuse.opset.default_opset(on.model) == 23
+    assert on.model.ir_version >= 11
+    assert on.report.opset_before == 18 and on.report.opset_after == 23
+
+
+def test_fp16_chain_is_flagged_overflow_prone() -> None:
+    result = lnfuse.optimize(patterns.ALL["fp16_decomposed_overflow"].build())
+    assert any("overflow" in w for w in result.report.warnings)
+
+
+def test_report_json_and_text() -> None:
+    result = lnfuse.optimize(patterns.ALL["transformer_two_ln"].build())
+    d = result.report.to_dict()
+    assert d["fused"] == 2 and d["by_pattern"] == {"pytorch": 2}
+    text = result.report.render_text()
+    assert "fused 2 LayerNormalization" in text and "opset: 14 -> 17" in text
+    assert result.report.to_json()
+
+
+def test_input_model_is_not_mutated() -> None:
+    model = patterns.ALL["torch_opset14"].build()
+    before = model.SerializeToString()
+    lnfuse.optimize(model)
+    assert model.SerializeToString() == before
+
+
+def test_no_verify_gives_same_graph() -> None:
+    model = patterns.ALL["keras_form"].build()
+    a = lnfuse.optimize(model)
+    b = lnfuse.optimize(model, verify=False)
+    assert op_counts(a.model) == op_counts(b.model)
+    assert a.report.proofs_run == 1 and b.report.proofs_run == 0

@@ -15,12 +15,21 @@ lnfuse raises a model's opset only when every op keeps its meaning.
 
 from __future__ import annotations
 
-from lnfuse import opset as opset
-from lnfuse.api import OptimizeResult, optimize
-from lnfuse.bench import bench
-from lnfuse.check import assert_equivalent, check
-from lnfuse.errors import InputError, LnfuseError, ProviderError, ValidationError
-from lnfuse.report import Report
+from pathlib import Path as _Path
+
+# In a source checkout ``lnfuse.passes`` lives in ../passes (setuptools maps it into the
+# wheel as lnfuse/passes); make it importable there too, e.g. when tests or
+# ``python -m lnfuse`` run from the repository root and shadow the installed package.
+_here = _Path(__file__).resolve().parent
+if not (_here / "passes").is_dir() and (_here.parent / "passes" / "__init__.py").is_file():
+    __path__.append(str(_here.parent))
+
+from lnfuse import opset as opset  # noqa: E402
+from lnfuse.api import OptimizeResult, optimize  # noqa: E402
+from lnfuse.bench import bench  # noqa: E402
+from lnfuse.check import assert_equivalent, check  # noqa: E402
+from lnfuse.errors import InputError, LnfuseError, ProviderError, ValidationError  # noqa: E402
+from lnfuse.report import Report  # noqa: E402
 
 __version__ = "0.1.0"
 

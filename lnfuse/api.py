@@ -107,7 +107,7 @@ def optimize(
     if verify:
         from lnfuse.verify import Prover
 
-        ctx.prover = Prover(max(old or 17, 17))
+        ctx.prover = Prover(old or 17)
     modified = False
     for pass_cls in passes if passes is not None else DEFAULT_PASSES:
         p = pass_cls()

@@ -526,8 +526,8 @@ def check(
     proto_a = load_model_proto(original)
     proto_b = load_model_proto(candidate)
     choice = select_provider(provider)
-    sess_a = make_session(original, choice, level)
-    sess_b = make_session(candidate, choice, level)
+    sess_a = make_session(original, choice, level, exact_fp32=True)
+    sess_b = make_session(candidate, choice, level, exact_fp32=True)
     actual = sess_a.get_providers()[0]
     reason = choice.reason
     if actual != choice.primary:

@@ -158,6 +158,8 @@ def optimize_cmd(
             report.validation = res.to_dict()
             if not res.ok:
                 code = 1
+                if not as_json:
+                    click.echo(res.render_text(), err=True)
         if do_bench and code == 0:
             from lnfuse.bench import bench
 

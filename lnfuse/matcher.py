@@ -215,6 +215,10 @@ class Walker:
                     if why:
                         failures.append((node, why))
                     continue
+                if not result.terms:
+                    # Exactly zero in real arithmetic (e.g. the mean of an already centred
+                    # value) is rounding noise in floating point: never build on it.
+                    continue
                 out_t = node.outputs[0]
                 values[id(out_t)] = result
                 order.append(out_t)
@@ -343,7 +347,7 @@ class Walker:
         result = WalkResult()
         claimed: set[int] = set()
         complete = [(t, S.as_norm(values[id(t)], ctx)) for t in order]
-        complete = [(t, f) for t, f in complete if f is not None]
+        complete = [(t, f) for t, f in complete if f is not None and not self._widening_cast(t)]
         # Prefer the deepest output whose scale and bias are original constants
         # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
         pure = [(t, f) for t, f in complete if self._pure(f, values, x, t)]
@@ -447,6 +451,15 @@ class Walker:
             )
         return result
 
+    def _widening_cast(self, t: gs.Tensor) -> bool:
+        """True for a Cast to a wider float type at the tail: the norm ends before it."""
+        p = t.inputs[0] if t.inputs else None
+        if p is None or p.op != "Cast":
+            return False
+        rank = {10: 0, 16: 0, 1: 1, 11: 2}
+        src, dst = self.mg.dtype(p.inputs[0]), self.mg.dtype(t)
+        return src in rank and dst in rank and rank[dst] > rank[src]
+
     def _pure(self, form: S.NormForm, values: dict[int, S.Sym], x: gs.Tensor, t: gs.Tensor) -> bool:
         _cone, consts, why = self._cone(x, t, values)
         if why:
@@ -484,12 +497,12 @@ class Walker:
                 continue
             seen.add(id(n))
             nodes.append(n)
-            for inp in n.inputs:
+            for idx, inp in enumerate(n.inputs):
                 if inp is x:
                     continue
                 if id(inp) in values and inp.inputs:
                     stack.append(inp.inputs[0])
-                else:
+                elif not (idx > 0 and n.op in REDUCE_OPS):  # axes are not data
                     consts.append(inp)
         view = self.mg.view_of(start)
         if view is None:

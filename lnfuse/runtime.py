@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -159,6 +160,12 @@ def _probe_cuda() -> tuple[bool, str]:
     started = False
     with _captured_stderr_fd() as captured, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # onnxruntime >= 1.21 can load CUDA/cuDNN from the nvidia-* pip packages (as PyTorch
+        # installs them); without this the CUDA EP often cannot find libcublasLt / libcudnn.
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+                preload()
         try:
             sess = ort.InferenceSession(_tiny_model(), options, providers=[CUDA_EP, CPU_EP])
             if sess.get_providers()[0] == CUDA_EP:
@@ -235,8 +242,13 @@ def make_session(
     level: str = "disable",
     threads: int | None = None,
     spinning: bool | None = None,
+    exact_fp32: bool = False,
 ) -> ort.InferenceSession:
     """Create a quiet ONNX Runtime session for ``model`` on ``provider`` at ``level``.
+
+    ``exact_fp32`` turns off TF32 in the CUDA provider (on Ampere and newer it is on by
+    default and rounds fp32 MatMul/Conv inputs to 10 mantissa bits, which would swamp an
+    fp32 equivalence check); the numeric check uses it, benchmarks do not.
 
     ``model`` may be a :class:`onnx.ModelProto`, serialized bytes, or a path (external
     data next to the file is resolved by ONNX Runtime). ``threads`` sets
@@ -252,7 +264,9 @@ def make_session(
         options.intra_op_num_threads = int(threads)
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    providers = list(provider.providers)
+    providers: list = list(provider.providers)
+    if exact_fp32 and CUDA_EP in providers:
+        providers = [(CUDA_EP, {"use_tf32": "0"}) if p == CUDA_EP else p for p in providers]
 
     def create(source: bytes | str) -> ort.InferenceSession:
         try:

@@ -49,7 +49,7 @@ from lnfuse import opset as opset_mod
 from lnfuse.graph import Dim, GraphView, ModelGraph
 from lnfuse.pipeline import PassContext, PassResult
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+_DEFAULT_DOMAINS = (None, "", "ai.onnx")
 _MIN_OPSET = 11  # emitted Gather / Slice (input form) must keep their meaning when the opset is raised
 
 
@@ -384,16 +384,17 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
         t = m.mm.outputs[0]
         nxt = _single_use(mg, t)
         adds: list[gs.Node] = []
-        while nxt is not None and nxt.op == "Add" and _default(nxt) and len(nxt.inputs) == 2 and not adds:
+        if nxt is not None and nxt.op == "Add" and _default(nxt) and len(nxt.inputs) == 2:
             other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
-            if mg.const_value(other) is None:
-                break
-            adds.append(nxt)
-            consts.append(other)
-            t = nxt.outputs[0]
-            nxt = _single_use(mg, t)
+            if mg.const_value(other) is not None and mg.view_of(nxt) is view:
+                adds.append(nxt)
+                consts.append(other)
+                t = nxt.outputs[0]
+                nxt = _single_use(mg, t)
         if nxt is None or nxt.op != "LayerNormalization" or not _default(nxt) or nxt.inputs[0] is not t:
             return "a step's MatMul output is not used by exactly one LayerNormalization"
+        if mg.view_of(nxt) is not view:
+            return "a step's LayerNormalization is in another graph"
         for extra in nxt.outputs[1:]:
             if extra.outputs or mg.is_graph_output(extra):
                 return "a LayerNormalization's Mean / InvStdDev output is used"
@@ -532,26 +533,25 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
                 outputs=[outs[id(m.ln)]],
             )
         )
-    # Step slices and weight aliases left without consumers go too (nearest first).
-    for m in members:
-        for node in m.cut.nodes:
-            if not _dead(mg, node):
-                break
-            mg.detach([node])
-            removed.append(node)
-    for m in members:
-        for node in m.aliases:
-            if not _dead(mg, node):
-                break
-            mg.detach([node])
-            removed.append(node)
     mg.replace(view, removed, anchor, new)
+    # Step slices and weight aliases left without consumers go too (nearest first), each from
+    # its own graph (an outer-scope slice or alias lives in an enclosing graph).
+    for m in members:
+        for chain in (m.cut.nodes, m.aliases):
+            for node in chain:
+                if not _dead(mg, node):
+                    break
+                mg.detach([node])
+                home = mg.view_of(node)
+                if home is not None:
+                    mg.replace(home, [node], node, [])
 
     n = len(members)
     op = "Gemm" if plan.is_gemm else "MatMul"
     parts = [f"{n} {op}"] + [f"{n} Add"] * len(anchor_m.adds) + [f"{n} LayerNormalization"]
     after = " + ".join(["1"] * len(parts))
+    where = "" if view.path == "main" else f" in {view.path}"
     return (
-        f"input-side LN of W '{plan.weight.name}' hoisted over {n} steps of '{plan.source.name}' "
+        f"input-side LN of W '{plan.weight.name}' hoisted over {n} steps of '{plan.source.name}'{where} "
         f"({' + '.join(parts)} -> {after})"
     )

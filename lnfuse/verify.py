@@ -26,8 +26,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lnfuse.graph import ModelGraph, np_dtype
-from lnfuse.opset import min_ir_version
 from lnfuse.matcher import Candidate
+from lnfuse.opset import min_ir_version
 from lnfuse.rules import NormParams, NormRule
 
 TP = onnx.TensorProto

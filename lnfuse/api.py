@@ -52,11 +52,13 @@ def optimize(
     allow_transpose: bool = True,
     target_opset: int | None = None,
     check_output: bool = True,
+    allow_invalid: bool = False,
     passes: tuple | None = None,
 ) -> OptimizeResult:
     """Fuse decomposed LayerNorm (and, with ``rmsnorm=True``, RMSNorm) in ``model``.
 
-    ``model`` is a ``ModelProto`` (not modified) or a path. ``verify`` runs the
+    ``model`` is a ``ModelProto`` (not modified) or a path; a model that fails
+    ``onnx.checker`` is refused unless ``allow_invalid``. ``verify`` runs the
     per-match numeric proof on ONNX Runtime (CPU, tiny tensors). ``target_opset``
     raises the default opset to at least that version (exactly, or not at all).
     Returns an :class:`OptimizeResult`; raises :class:`~lnfuse.errors.InputError`
@@ -76,6 +78,12 @@ def optimize(
     from lnfuse import io as lio
 
     lio.validate_structure(proto)
+    if not allow_invalid:
+        problem = _light_check(proto)
+        if problem is not None:
+            raise InputError(
+                f"{source}: the model fails onnx.checker: {problem} (pass --allow-invalid to optimize it anyway)"
+            )
     t_load = time.perf_counter()
 
     try:
@@ -170,6 +178,17 @@ def optimize(
         check=time.perf_counter() - t_export,
     )
     return OptimizeResult(model=out, report=report, changed=True)
+
+
+def _light_check(model: onnx.ModelProto) -> str | None:
+    """``onnx.checker`` without the full shape-inference pass (cheap on big models)."""
+    try:
+        if model.ByteSize() < 1_800_000_000:
+            onnx.checker.check_model(model, full_check=False)
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        return lines[0][:300] if lines else type(err).__name__
+    return None
 
 
 def _all_nodes(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]

@@ -98,6 +98,7 @@ def main() -> None:
     is_flag=True,
     help="In --validate, accept outputs where only the original overflowed.",
 )
+@click.option("--allow-invalid", is_flag=True, help="Optimize a model even if it fails onnx.checker.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def optimize_cmd(
@@ -119,6 +120,7 @@ def optimize_cmd(
     dims: tuple[str, ...],
     ranges: tuple[str, ...],
     allow_fixed_overflow: bool,
+    allow_invalid: bool,
     debug: bool,
 ) -> None:
     """Fuse every decomposed norm in MODEL and write the result."""
@@ -139,6 +141,7 @@ def optimize_cmd(
             verify=not no_verify,
             allow_transpose=not no_transpose,
             target_opset=target_opset,
+            allow_invalid=allow_invalid,
         )
         report = result.report
         report.source = os.fspath(model)
@@ -168,7 +171,13 @@ def optimize_cmd(
             )
             report.benchmark = b.to_dict()
         if code == 0:
-            lio.save_model(result.model, out_path, external_data=True if external else None)
+            # Mirror the input: external data in, external data out (one file next to the output).
+            lio.save_model(
+                result.model,
+                out_path,
+                external_data=True if external else None,
+                size_threshold=0 if external else 1024,
+            )
         _emit(report, as_json, explain, out_path if code == 0 else None)
         if code != 0:
             failing = (

@@ -120,10 +120,12 @@ class ModelGraph:
         self.graph: gs.Graph = gs.import_onnx(model)
         # Dead nodes would read tensors a rewrite removes; drop them (the model is only
         # exported when something was rewritten).
-        self.graph.cleanup(remove_unused_graph_inputs=False)
+        if _has_dead_nodes(self.graph):
+            self.graph.cleanup(remove_unused_graph_inputs=False)
         self.views: list[GraphView] = []
         self._node_view: dict[int, GraphView] = {}
         self._const_cache: dict[int, np.ndarray | None] = {}
+        self._dtype_cache: dict[int, int] = {}
         self._shape_table: dict[str, tuple[int, tuple[Dim, ...] | None]] | None = None
         self._names: set[str] | None = None
         self._counter = 0
@@ -149,6 +151,7 @@ class ModelGraph:
                             label = node.name or node.op
                             stack.append((sub, f"{path}/{label}:{attr_name}", view))
         self._const_cache.clear()
+        self._dtype_cache.clear()
 
     def view_of(self, node: gs.Node) -> GraphView | None:
         return self._node_view.get(id(node))
@@ -248,6 +251,15 @@ class ModelGraph:
     # -- types and shapes ---------------------------------------------------
     def dtype(self, tensor: gs.Tensor, _depth: int = 0) -> int | None:
         """ONNX element type of ``tensor``: annotations, then local propagation, then shape inference."""
+        key = id(tensor)
+        if key in self._dtype_cache:
+            return self._dtype_cache[key]
+        dt = self._dtype(tensor, _depth)
+        if dt is not None:
+            self._dtype_cache[key] = dt
+        return dt
+
+    def _dtype(self, tensor: gs.Tensor, _depth: int = 0) -> int | None:
         if isinstance(tensor, gs.Constant):
             return onnx_dtype(tensor.dtype)
         dt = onnx_dtype(tensor.dtype) if tensor.dtype is not None else None
@@ -261,6 +273,11 @@ class ModelGraph:
                 val = self.const_value(tensor)
                 return onnx_dtype(val.dtype) if val is not None else None
             if node.op in _ELEMENTWISE_SAME_TYPE and node.inputs:
+                # A constant operand of a same-type op gives the answer without recursing.
+                if node.op in ("Add", "Sub", "Mul", "Div"):
+                    for inp in node.inputs:
+                        if isinstance(inp, gs.Constant):
+                            return onnx_dtype(inp.dtype)
                 dt = self.dtype(node.inputs[0], _depth + 1)
                 if dt:
                     return dt
@@ -392,6 +409,22 @@ class ModelGraph:
                 setattr(out, fd.name, value)
         out.graph.doc_string = graph_doc
         return out
+
+
+def _has_dead_nodes(graph: gs.Graph) -> bool:
+    """True if some node's outputs are all unused (a dead region always has such a sink)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        outs = {id(t) for t in g.outputs}
+        for node in g.nodes:
+            if node.outputs and all(not t.outputs and id(t) not in outs for t in node.outputs):
+                return True
+            for value in node.attrs.values():
+                for sub in value if isinstance(value, list) else [value]:
+                    if isinstance(sub, gs.Graph):
+                        stack.append(sub)
+    return False
 
 
 def _is_repeated(fd: object) -> bool:

@@ -22,7 +22,6 @@ linear in the number of reductions in the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -132,10 +131,18 @@ class Walker:
     def __init__(self, mg: ModelGraph) -> None:
         self.mg = mg
         self._const_sym: dict[int, S.Sym | None] = {}
+        self._cone_cache: dict[tuple[int, int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
 
     # -- proposals --------------------------------------------------------------
-    def proposals(self) -> list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]]:
-        """``(X, axes, rank, anchor)`` for every reduction anchor, deduplicated."""
+    def proposals(
+        self, kind: str = "ln"
+    ) -> list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]]:
+        """``(X, axes, rank, anchor, positive)`` for every reduction anchor, deduplicated.
+
+        A layer norm always reduces ``x`` itself (its mean), so for ``kind="ln"`` the
+        anchor's input is ``x``; an RMS norm only reduces ``x**2``, so for ``kind="rms"``
+        ``x`` is the operand of the square feeding the reduction.
+        """
         seen: set[tuple[int, tuple[int, ...]]] = set()
         out: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]] = []
         for view in self.mg.views:
@@ -147,13 +154,18 @@ class Walker:
                     # the square's operand, and the square itself is never proposed.
                     xs = [node.inputs[0]]
                     src = self.mg.producer(node.inputs[0])
+                    square_of = None
                     if src is not None and not src.domain:
                         if src.op == "Mul" and len(src.inputs) == 2 and src.inputs[0] is src.inputs[1]:
-                            xs = [src.inputs[0]]
+                            square_of = src.inputs[0]
                         elif src.op == "Pow" and len(src.inputs) == 2:
                             p = self.mg.const_value(src.inputs[1])
                             if p is not None and S.scalar_of(np.asarray(p, dtype=np.float64)) == 2.0:
-                                xs = [src.inputs[0]]
+                                square_of = src.inputs[0]
+                    if square_of is not None:
+                        xs = [square_of] if kind == "rms" else []
+                    elif kind == "rms":
+                        xs = []
                     raw_axes, ok = reduce_axes(self.mg, node)
                     if not ok:
                         continue
@@ -178,8 +190,9 @@ class Walker:
     def walk(
         self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None, anchor: gs.Node, positive: bool = False
     ) -> WalkResult:
-        n_norm = self._norm_count(x, axes, rank)
-        ctx = S.Context(n_norm=n_norm)
+        ctx = S.Context(n_norm=None)
+        self._n_norm_args = (x, axes, rank)
+        self._n_norm_done = False
         values: dict[int, S.Sym] = {id(x): S.Sym.atom("X")}
         order: list[gs.Tensor] = []
         done: set[int] = set()
@@ -288,16 +301,17 @@ class Walker:
             res = S.reciprocal(ins[0], ctx)
             return res, "" if res is not None else "Reciprocal of something other than (variance + eps)"
         if op == "Sqrt":
-            res = S.power(ins[0], Fraction(1, 2), ctx)
+            res = S.power(ins[0], 0.5, ctx)
             return res, "" if res is not None else "Sqrt of something other than (variance + eps)"
         if op == "Pow":
             p = S.scalar_of(ins[1].terms.get(S.ONE, np.asarray(0.0))) if ins[1].is_const() else None
             if p is None or not np.isfinite(p):
                 return None, "Pow exponent is not a constant scalar"
-            frac = Fraction(p).limit_denominator(64)
-            if float(frac) != p:
-                return None, f"Pow exponent {p} is not a simple fraction"
-            if frac != 2 and frac.denominator == 1 and abs(frac) != 1:
+            scaled = p * 64.0
+            if scaled != int(scaled):
+                return None, f"Pow exponent {p} is not a multiple of 1/64"
+            frac = float(p)
+            if frac != 2 and frac == int(frac) and abs(frac) != 1:
                 return None, f"Pow exponent {p} (only 2 squares a value)"
             res = S.power(ins[0], frac, ctx)
             if res is not None and frac == 2:
@@ -319,6 +333,9 @@ class Walker:
             if res is None:
                 return None, f"{op} of a value that is not linear in x and x**2"
             if op == "ReduceSum":
+                if not self._n_norm_done:
+                    self._n_norm_done = True
+                    ctx.n_norm = self._norm_count(*self._n_norm_args)
                 if ctx.n_norm is None:
                     return None, "ReduceSum over axes of unknown size"
                 res = S.mul(res, S.Sym.const(np.asarray(float(ctx.n_norm))))
@@ -346,13 +363,23 @@ class Walker:
         mg = self.mg
         result = WalkResult()
         claimed: set[int] = set()
-        complete = [(t, S.as_norm(values[id(t)], ctx)) for t in order]
+        complete = [(t, S.as_norm(values[id(t)], ctx)) for t in order if S.maybe_norm(values[id(t)])]
         complete = [(t, f) for t, f in complete if f is not None and not self._widening_cast(t)]
         # Prefer the deepest output whose scale and bias are original constants
         # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
-        pure = [(t, f) for t, f in complete if self._pure(f, values, x, t)]
-        if pure:
-            complete = pure
+        # Purity is tested from the deepest down, and only as far as needed.
+        first_pure = next(
+            (
+                i
+                for i in range(len(complete) - 1, -1, -1)
+                if self._pure(complete[i][1], values, x, complete[i][0])
+            ),
+            None,
+        )
+        if first_pure is not None:
+            complete = [(t, f) for t, f in complete[:first_pure] if self._pure(f, values, x, t)] + [
+                complete[first_pure]
+            ]
         last_reason = ""
         last_nodes: list[str] = []
         for t, form in reversed(complete):
@@ -483,7 +510,17 @@ class Walker:
     def _cone(
         self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
     ) -> tuple[list[gs.Node], list[gs.Tensor], str]:
-        """Nodes between ``x`` and ``t`` (graph order), the constants they read, or a reason."""
+        """Nodes between ``x`` and ``t`` (graph order), the constants they read, or a reason (cached)."""
+        key = (id(x), id(t), id(values))
+        hit = self._cone_cache.get(key)
+        if hit is None:
+            hit = self._cone_uncached(x, t, values)
+            self._cone_cache = {key: hit} if len(self._cone_cache) > 64 else {**self._cone_cache, key: hit}
+        return hit
+
+    def _cone_uncached(
+        self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
+    ) -> tuple[list[gs.Node], list[gs.Tensor], str]:
         start = t.inputs[0] if t.inputs else None
         if start is None:
             return [], [], "output has no producer"

@@ -131,7 +131,7 @@ class NormRule:
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal]:
         walker = Walker(mg)
         claimed: set[int] = set()
-        for x, axes, rank, anchor, positive in walker.proposals():
+        for x, axes, rank, anchor, positive in walker.proposals(self.kind):
             res = walker.walk(x, axes, rank, anchor, positive)
             for cand in res.candidates:
                 if cand.form.kind != self.kind:
@@ -166,15 +166,24 @@ class NormRule:
             return refuse("bfloat16 normalizations are not rewritten yet")
 
         # Shapes: the normalized dims and every constant's broadcast.
-        shape = mg.shape(x)
-        rank = len(shape) if shape is not None else cand.rank
+        # The input's shape is looked up only when the constants do not settle everything
+        # (shape inference over a whole big model is the expensive part of a lookup).
         axes = cand.axes
+        const_vals = [(c, mg.const_value(c)) for c in cand.const_inputs]
+        needs_shape = cand.rank is None and any(v is not None and v.ndim > len(axes) for _, v in const_vals)
+        covered = {a: False for a in axes}
+        for _, v in const_vals:
+            if v is not None:
+                for a in axes:
+                    if -a <= v.ndim and v.shape[a] > 1:
+                        covered[a] = True
+        shape = mg.shape(x) if (needs_shape or not all(covered.values())) else None
+        rank = len(shape) if shape is not None else cand.rank
         norm_dims: dict[int, int | None] = {}
         for a in axes:
             d = shape[a] if shape is not None and -a <= len(shape) else None
             norm_dims[a] = d if isinstance(d, int) else None
-        for c in cand.const_inputs:
-            val = mg.const_value(c)
+        for c, val in const_vals:
             if val is None:
                 continue
             cshape = val.shape

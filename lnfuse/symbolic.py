@@ -34,17 +34,29 @@ Nothing here touches a graph: :mod:`lnfuse.matcher` feeds values in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 
-# Monomial: sorted tuple of (atom, exponent) with exponent != 0.
-Monomial = tuple[tuple[str, Fraction], ...]
+# Monomial: sorted tuple of (atom, exponent) with exponent != 0. Exponents are floats that are
+# multiples of 1/64 (the matcher only admits dyadic exponents), so their arithmetic is exact.
+Monomial = tuple[tuple[str, float], ...]
 
 MAX_TERMS = 12
+Coef = float | np.ndarray  # a Python float for scalar coefficients (fast), else a float64 array
+
+
+def _nonzero(c: Coef) -> bool:
+    return c != 0.0 if isinstance(c, float) else bool(np.any(c))
+
+
+def _coef(arr: np.ndarray) -> Coef:
+    """A single-element coefficient becomes a float; its shape is checked on the graph's constants."""
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else arr
+
+
 ONE: Monomial = ()
-_Q: Monomial = (("Q", Fraction(1)),)
-_M2: Monomial = (("M", Fraction(2)),)
+_Q: Monomial = (("Q", 1.0),)
+_M2: Monomial = (("M", 2.0),)
 
 
 @dataclass(frozen=True)
@@ -89,14 +101,14 @@ class Sym:
     # -- construction -----------------------------------------------------
     @staticmethod
     def atom(name: str) -> Sym:
-        return Sym({((name, Fraction(1)),): np.asarray(1.0)})
+        return Sym({((name, 1.0),): 1.0})
 
     @staticmethod
     def const(value: np.ndarray) -> Sym:
         arr = np.asarray(value, dtype=np.float64)
         if not np.any(arr):
             return Sym({})
-        return Sym({ONE: arr})
+        return Sym({ONE: _coef(arr)})
 
     def with_flags(self, *flags: str) -> Sym:
         return Sym(self.terms, self.flags | frozenset(flags))
@@ -115,21 +127,21 @@ class Sym:
         return max((int(_exp(m, atom)) for m in self.terms), default=0)
 
 
-def _exp(mono: Monomial, atom: str) -> Fraction:
+def _exp(mono: Monomial, atom: str) -> float:
     for a, e in mono:
         if a == atom:
             return e
-    return Fraction(0)
+    return 0.0
 
 
 def _mono_mul(a: Monomial, b: Monomial) -> Monomial:
-    out: dict[str, Fraction] = dict(a)
+    out: dict[str, float] = dict(a)
     for atom, e in b:
-        out[atom] = out.get(atom, Fraction(0)) + e
+        out[atom] = out.get(atom, 0.0) + e
     return tuple(sorted((k, v) for k, v in out.items() if v != 0))
 
 
-def _mono_pow(a: Monomial, p: Fraction) -> Monomial:
+def _mono_pow(a: Monomial, p: float) -> Monomial:
     return tuple(sorted((k, v * p) for k, v in a if v * p != 0))
 
 
@@ -141,7 +153,7 @@ def _merge_flags(*syms: Sym) -> frozenset[str]:
 
 
 def _clean(terms: dict[Monomial, np.ndarray], flags: frozenset[str]) -> Sym | None:
-    kept = {m: c for m, c in terms.items() if np.any(c)}
+    kept = {m: c for m, c in terms.items() if _nonzero(c)}
     if len(kept) > MAX_TERMS:
         return None
     return Sym(kept, flags)
@@ -173,8 +185,10 @@ def mul(a: Sym, b: Sym) -> Sym | None:
     return _clean(terms, _merge_flags(a, b))
 
 
-def scalar_of(coef: np.ndarray) -> float | None:
+def scalar_of(coef: Coef) -> float | None:
     """The single value of a coefficient whose elements are all equal, else None."""
+    if isinstance(coef, float):
+        return coef
     arr = np.asarray(coef)
     if arr.size == 0:
         return None
@@ -200,7 +214,7 @@ def _as_e_power(s: Sym, ctx: Context) -> tuple[float, Monomial] | None:
     if atomized is None:
         return None
     k, atom = atomized
-    return k, ((atom, Fraction(1)),)
+    return k, ((atom, 1.0),)
 
 
 def atomize(s: Sym, ctx: Context) -> tuple[float, str] | None:
@@ -237,7 +251,7 @@ def atomize(s: Sym, ctx: Context) -> tuple[float, str] | None:
     return c, ctx.atom_for(edef)
 
 
-def power(s: Sym, p: Fraction, ctx: Context) -> Sym | None:
+def power(s: Sym, p: float, ctx: Context) -> Sym | None:
     """``s ** p`` for ``p == 2`` (any polynomial) or any ``p`` on a positive E-power."""
     if p == 2:
         return mul(s, s)
@@ -247,17 +261,17 @@ def power(s: Sym, p: Fraction, ctx: Context) -> Sym | None:
     if base is None:
         return None
     k, mono = base
-    return Sym({_mono_pow(mono, p): np.asarray(k ** float(p))}, s.flags)
+    return Sym({_mono_pow(mono, p): float(k ** float(p))}, s.flags)
 
 
 def reciprocal(s: Sym, ctx: Context) -> Sym | None:
     """``1 / s`` when ``s`` is a non-zero constant or a positive E-power."""
     if s.is_const() and s.terms:
         coef = s.terms[ONE]
-        if np.any(coef == 0):
+        if np.any(np.asarray(coef) == 0):
             return None
         return Sym({ONE: 1.0 / coef}, s.flags)
-    return power(s, Fraction(-1), ctx)
+    return power(s, -1.0, ctx)
 
 
 def reduce_mean(s: Sym) -> Sym | None:
@@ -269,7 +283,7 @@ def reduce_mean(s: Sym) -> Sym | None:
     """
     terms: dict[Monomial, np.ndarray] = {}
     flags = set(s.flags)
-    pure_square = len(s.terms) == 1 and ((("X", Fraction(2)),) in s.terms)
+    pure_square = len(s.terms) == 1 and ((("X", 2.0),) in s.terms)
     for mono, coef in s.terms.items():
         if scalar_of(coef) is None:
             return None
@@ -278,11 +292,11 @@ def reduce_mean(s: Sym) -> Sym | None:
         if d == 0:
             new = rest
         elif d == 1:
-            new = _mono_mul(rest, (("M", Fraction(1)),))
+            new = _mono_mul(rest, (("M", 1.0),))
         elif d == 2:
             if any(a == "Q" for a, _ in rest):
                 return None
-            new = _mono_mul(rest, (("Q", Fraction(1)),))
+            new = _mono_mul(rest, (("Q", 1.0),))
         else:
             return None
         terms[new] = terms[new] + coef if new in terms else coef
@@ -301,17 +315,34 @@ class NormForm:
     bias: np.ndarray | None  # float64, or None when there is no additive term
 
 
+def maybe_norm(s: Sym) -> bool:
+    """Cheap necessary condition for :func:`as_norm`: an ``X * E**-1/2`` term and at most 3 terms."""
+    if not 1 <= len(s.terms) <= 3:
+        return False
+    for mono in s.terms:
+        if len(mono) == 2 and mono[0][0] == "E" and mono[1][0] == "X":
+            return True
+        if len(mono) == 2 and mono[0][0].startswith("E") and mono[1] == ("X", 1.0):
+            return True
+    return False
+
+
 def as_norm(s: Sym, ctx: Context) -> NormForm | None:
     """Return the normalization ``s`` is, if it is one exactly; else None."""
-    e_atoms = {a for m in s.terms for a, _ in m if a.startswith("E")}
-    if len(e_atoms) != 1:
+    atom = ""
+    for m in s.terms:
+        for a, _ in m:
+            if a[0] == "E":
+                if atom and a != atom:
+                    return None
+                atom = a
+    if not atom:
         return None
-    (atom,) = e_atoms
     edef = ctx.edef(atom)
-    half = Fraction(-1, 2)
-    x_mono: Monomial = (("X", Fraction(1)), (atom, half))
+    half = -0.5
+    x_mono: Monomial = (("X", 1.0), (atom, half))
     x_mono = tuple(sorted(x_mono))
-    m_mono: Monomial = tuple(sorted((("M", Fraction(1)), (atom, half))))
+    m_mono: Monomial = tuple(sorted((("M", 1.0), (atom, half))))
     g = s.terms.get(x_mono)
     if g is None:
         return None
@@ -320,17 +351,31 @@ def as_norm(s: Sym, ctx: Context) -> NormForm | None:
         gm = s.terms.get(m_mono)
         if gm is None or len(s.terms) != 2 + (bias is not None):
             return None
-        g_b, gm_b = np.broadcast_arrays(g, gm)
+        if isinstance(g, float) and isinstance(gm, float):
+            if gm != -g and abs(gm + g) > 1e-12 * abs(g):
+                return None
+            g_b = gm_b = None
+        elif np.shape(g) == np.shape(gm):
+            g_b, gm_b = np.asarray(g), np.asarray(gm)
+        else:
+            g_b, gm_b = np.broadcast_arrays(g, gm)
         # Equal up to products of constants evaluated in another order.
-        if not np.array_equal(gm_b, -g_b) and not np.allclose(gm_b, -g_b, rtol=1e-12, atol=0.0):
+        if (
+            g_b is not None
+            and not np.array_equal(gm_b, -g_b)
+            and not np.allclose(gm_b, -g_b, rtol=1e-12, atol=0.0)
+        ):
             return None
     else:
         if bias is not None or len(s.terms) != 1:
             return None
-    if not np.any(g):
+    if not _nonzero(g):
         return None
     return NormForm(
-        kind=edef.kind, edef=edef, scale=np.asarray(g), bias=None if bias is None else np.asarray(bias)
+        kind=edef.kind,
+        edef=edef,
+        scale=np.asarray(g, dtype=np.float64),
+        bias=None if bias is None else np.asarray(bias, dtype=np.float64),
     )
 
 
@@ -338,8 +383,8 @@ def is_negated_centering(s: Sym) -> bool:
     """True for ``c*(M - X)`` with c > 0: the centred value written as ``mean - x``."""
     if len(s.terms) != 2:
         return False
-    cx = s.terms.get((("X", Fraction(1)),))
-    cm = s.terms.get((("M", Fraction(1)),))
+    cx = s.terms.get((("X", 1.0),))
+    cm = s.terms.get((("M", 1.0),))
     if cx is None or cm is None:
         return False
     sx, sm = scalar_of(cx), scalar_of(cm)

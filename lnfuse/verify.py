@@ -31,7 +31,12 @@ from lnfuse.opset import min_ir_version
 from lnfuse.rules import NormParams, NormRule
 
 TP = onnx.TensorProto
-_TOL = {TP.FLOAT: (1e-4, 1e-4), TP.FLOAT16: (2e-2, 2e-2), TP.DOUBLE: (1e-9, 1e-9)}
+_TOL = {
+    TP.FLOAT: (1e-4, 1e-4),
+    TP.FLOAT16: (2e-2, 2e-2),
+    TP.DOUBLE: (1e-7, 1e-7),
+}  # fp64: eps attribute is float32
+_LARGE_TOL = {TP.FLOAT: 1e-3, TP.FLOAT16: 5e-2, TP.DOUBLE: 1e-6}
 
 
 class Prover:
@@ -125,17 +130,20 @@ class Prover:
                 continue
             err = np.abs(a64[both] - b64[both])
             scale = max(float(np.max(np.abs(a64[both]))), 1.0)
-            if float(np.max(err)) > atol + rtol * scale:
-                return (
-                    f"numeric proof failed ({label}): max abs error {float(np.max(err)):.3g} "
-                    f"(tolerance {atol + rtol * scale:.3g})"
-                )
+            tol = atol + rtol * scale
+            if label == "large-magnitude":
+                # Offset inputs amplify the original's own rounding (Keras' x*s - mean*s, one-pass
+                # variance); this case is there to catch gross errors (sign, eps, overflow).
+                tol = max(tol, _LARGE_TOL.get(out_dt, 1e-3) * scale)
+            if float(np.max(err)) > tol:
+                return f"numeric proof failed ({label}): max abs error {float(np.max(err)):.3g} (tolerance {tol:.3g})"
         return None
 
 
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
     source = cand.source if cand.source is not None else cand.x
-    shape = mg.shape(source)
+    exact = "unflattened" in params.flags or params.perm is not None or cand.rank is None
+    shape = mg.shape(source) if exact else None
     if (
         shape is not None
         and all(isinstance(d, int) and d > 0 for d in shape)
@@ -145,7 +153,12 @@ def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int
     consts = [mg.const_value(c) for c in cand.const_inputs]
     max_const_rank = max((v.ndim for v in consts if v is not None), default=0)
     axes = tuple(range(-len(params.normalized_shape), 0)) if "unflattened" in params.flags else cand.axes
-    rank = len(shape) if shape is not None else max(len(axes) + 1, max_const_rank)
+    if shape is not None:
+        rank = len(shape)
+    elif cand.rank is not None:
+        rank = cand.rank
+    else:
+        rank = max(len(axes) + 1, max_const_rank)
     dims = [3 if i == 0 else 2 for i in range(rank)]
     for a, d in zip(axes, params.normalized_shape, strict=False):
         dims[rank + a] = int(d)

@@ -18,7 +18,7 @@ import onnx
 
 from lnfuse import opset as opset_mod
 from lnfuse.errors import InputError
-from lnfuse.graph import ModelGraph
+from lnfuse.graph import ModelGraph, tensor_nbytes
 from lnfuse.pipeline import PassContext
 from lnfuse.report import Group, Report
 
@@ -160,8 +160,8 @@ def optimize(
     if check_output:
         from lnfuse import io as lio
 
-        problem = lio.checker_problem(out)
-        if problem is not None and lio.checker_problem(proto) is None:
+        problem = _full_check(out)
+        if problem is not None and _full_check(proto) is None:
             report.warnings.append(
                 f"internal error: the rewritten model failed onnx.checker ({problem}); model left unchanged"
             )
@@ -180,11 +180,68 @@ def optimize(
     return OptimizeResult(model=out, report=report, changed=True)
 
 
+def _model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size, summed per initializer (sizing a > 2 GB message fails, and may copy it)."""
+    inits = sum(tensor_nbytes(t) for t in model.graph.initializer)
+    if inits > 1_000_000_000:
+        return inits
+    try:
+        return model.ByteSize()
+    except Exception:
+        return 1 << 62
+
+
+def _without_big_weights(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
+    """A copy for checking: main-graph initializers over ``limit`` bytes become graph inputs.
+
+    Weights are never shape tensors, so the checker and shape inference see the same
+    model; the copy costs kilobytes instead of a second copy of the weights.
+    """
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            continue
+        if isinstance(value, (str, bytes, int, float, bool)):
+            setattr(out, fd.name, value)
+        elif hasattr(value, "extend"):
+            getattr(out, fd.name).extend(value)
+        else:
+            getattr(out, fd.name).CopyFrom(value)
+    g = model.graph
+    for fd, value in g.ListFields():
+        if fd.name == "initializer":
+            continue
+        if isinstance(value, (str, bytes, int, float, bool)):
+            setattr(out.graph, fd.name, value)
+        elif hasattr(value, "extend"):
+            getattr(out.graph, fd.name).extend(value)
+        else:
+            getattr(out.graph, fd.name).CopyFrom(value)
+    for init in g.initializer:
+        if tensor_nbytes(init) > limit:
+            out.graph.input.append(
+                onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
+        else:
+            out.graph.initializer.append(init)
+    return out
+
+
+def _full_check(model: onnx.ModelProto) -> str | None:
+    """``onnx.checker.check_model(full_check=True)``; big models are checked without their weights."""
+    from lnfuse import io as lio
+
+    if _model_bytes(model) < 1_800_000_000:
+        return lio.checker_problem(model)
+    return lio.checker_problem(_without_big_weights(model))
+
+
 def _light_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker`` without the full shape-inference pass (cheap on big models)."""
+    if _model_bytes(model) >= 1_800_000_000:
+        model = _without_big_weights(model)
     try:
-        if model.ByteSize() < 1_800_000_000:
-            onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(model, full_check=False)
     except Exception as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         return lines[0][:300] if lines else type(err).__name__

@@ -64,7 +64,20 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 )
 
 
+_BIG_TENSOR = 1 << 20  # bytes: initializers above this are exported without an intermediate copy
 _FOLDABLE = frozenset({"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze"})
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Data size of a tensor from its dims and type, without touching (or copying) its data."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return t.ByteSize()
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * itemsize
 
 
 def onnx_dtype(np_or_onnx: object) -> int | None:
@@ -183,7 +196,13 @@ class ModelGraph:
             return self._const_cache[key]
         value: np.ndarray | None = None
         if isinstance(tensor, gs.Constant):
+            from onnx_graphsurgeon.ir.tensor import LazyValues
+
+            vals = getattr(tensor, "_values", None)
             try:
+                if isinstance(vals, LazyValues) and vals.nbytes > _BIG_TENSOR:
+                    # Load without letting onnx-graphsurgeon keep (and later re-export) a copy.
+                    return np.asarray(vals.load())
                 value = np.asarray(tensor.values)
             except Exception:  # unloadable (e.g. external data not loaded)
                 value = None
@@ -237,6 +256,14 @@ class ModelGraph:
         except (ValueError, TypeError):
             return None
         return None
+
+    def const_shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
+        """Shape of a constant without loading its data (None if ``tensor`` is not constant)."""
+        src = self.constant_source(tensor)
+        if isinstance(src, gs.Constant):
+            return tuple(int(d) for d in src.shape)
+        val = self.const_value(tensor) if src.inputs and src.inputs[0].op == "Constant" else None
+        return None if val is None else tuple(val.shape)
 
     def constant_source(self, tensor: gs.Tensor) -> gs.Tensor:
         """Follow Identity nodes back to the tensor that holds the constant."""
@@ -391,8 +418,47 @@ class ModelGraph:
         return changed
 
     def export(self) -> onnx.ModelProto:
-        """A new ModelProto: every field of the original, with the rewritten graph."""
-        out = gs.export_onnx(self.graph, do_type_check=False)
+        """A new ModelProto: every field of the original, with the rewritten graph.
+
+        Large initializers are exported as data-less stubs and filled in afterwards with
+        one copy each: onnx-graphsurgeon's exporter would otherwise copy every weight twice
+        (graph, then model), which for a multi-GB model means four copies in memory.
+        """
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        swapped: list[tuple[gs.Constant, object]] = []
+        originals: dict[str, onnx.TensorProto] = {}
+        for view in self.views:
+            for t in view.graph.tensors().values():
+                vals = getattr(t, "_values", None)
+                if isinstance(t, gs.Constant) and isinstance(vals, LazyValues):
+                    proto = vals.tensor
+                    if isinstance(proto, onnx.TensorProto) and tensor_nbytes(proto) > _BIG_TENSOR:
+                        stub = onnx.TensorProto(
+                            name=proto.name, data_type=proto.data_type, dims=list(proto.dims)
+                        )
+                        swapped.append((t, vals))
+                        originals[proto.name] = proto
+                        t._values = LazyValues(stub)
+        try:
+            out = gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for t, vals in swapped:
+                t._values = vals
+        if originals:
+            stack = [out.graph]
+            while stack:
+                g = stack.pop()
+                for init in g.initializer:
+                    src = originals.get(init.name)
+                    if src is not None and init.ByteSize() < 4096:
+                        init.CopyFrom(src)
+                for node in g.node:
+                    for attr in node.attribute:
+                        if attr.type == onnx.AttributeProto.GRAPH:
+                            stack.append(attr.g)
+                        elif attr.type == onnx.AttributeProto.GRAPHS:
+                            stack.extend(attr.graphs)
         graph_doc = self.model.graph.doc_string
         for fd in out.DESCRIPTOR.fields:
             if fd.name == "graph":

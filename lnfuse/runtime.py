@@ -275,7 +275,11 @@ def make_session(
             raise InputError(f"onnxruntime cannot load {_describe(model)}: {_one_line(exc)}") from None
 
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        try:
+            size = model.ByteSize()
+        except Exception:  # protobuf refuses to size messages over 2 GB
+            size = _PROTOBUF_LIMIT
+        if size < _PROTOBUF_LIMIT:
             return create(model.SerializeToString())
         with tempfile.TemporaryDirectory(prefix="lnfuse_") as tmp:
             path = os.path.join(tmp, "model.onnx")

@@ -180,12 +180,22 @@ def e2e_command(src: Path, out: Path, form: str) -> tuple[list[str], str]:
     """The end-to-end command line and a label: the CLI when it exists (``form='auto'``)."""
     has_cli = importlib.util.find_spec("lnfuse.__main__") is not None
     if form == "cli" or (form == "auto" and has_cli):
-        return [sys.executable, "-m", "lnfuse", "optimize", str(src), "-o", str(out)], "python -m lnfuse optimize"
+        return [
+            sys.executable,
+            "-m",
+            "lnfuse",
+            "optimize",
+            str(src),
+            "-o",
+            str(out),
+        ], "python -m lnfuse optimize"
     code = f"import lnfuse, onnx; r = lnfuse.optimize({str(src)!r}); onnx.save(r.model, {str(out)!r})"
     return [sys.executable, "-c", code], "python -c 'lnfuse.optimize + onnx.save' (no lnfuse/__main__.py yet)"
 
 
-def measure(name: str, build: Callable[[], object], workdir: Path, form: str, repeat: int) -> dict[str, object]:
+def measure(
+    name: str, build: Callable[[], object], workdir: Path, form: str, repeat: int
+) -> dict[str, object]:
     import onnx
 
     t = time.perf_counter()
@@ -298,7 +308,9 @@ def profile_inprocess(src: Path, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="lnfuse scale benchmark (see module docstring)")
-    ap.add_argument("--sizes", type=int, nargs="*", default=None, help="chain lengths in blocks (default 1000 10000)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="*", default=None, help="chain lengths in blocks (default 1000 10000)"
+    )
     ap.add_argument("--layers", type=int, default=None, help="transformer layers (default 48; 0 = skip)")
     ap.add_argument("--quick", action="store_true", help="chain 200 and 2000, transformer 12")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (best is reported)")
@@ -319,23 +331,41 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = args.sizes if args.sizes is not None else ([200, 2000] if args.quick else [1000, 10000])
     layers = args.layers if args.layers is not None else (12 if args.quick else 48)
-    ctx = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(prefix="lnfuse_scale_")
+    ctx = (
+        contextlib.nullcontext(args.workdir)
+        if args.workdir
+        else tempfile.TemporaryDirectory(prefix="lnfuse_scale_")
+    )
     records: list[dict[str, object]] = []
     with ctx as wd:
         workdir = Path(wd)
         workdir.mkdir(parents=True, exist_ok=True)
         for n in sizes:
             print(f"[bench_scale] chain {n} ...", file=sys.stderr, flush=True)
-            records.append(measure(f"chain_{n}", lambda n=n: build_chain(n), workdir, args.e2e_form, args.repeat))
+            records.append(
+                measure(f"chain_{n}", lambda n=n: build_chain(n), workdir, args.e2e_form, args.repeat)
+            )
         if layers:
             print(f"[bench_scale] transformer {layers} ...", file=sys.stderr, flush=True)
             records.append(
-                measure(f"transformer_{layers}", lambda: build_transformer(layers), workdir, args.e2e_form, args.repeat)
+                measure(
+                    f"transformer_{layers}",
+                    lambda: build_transformer(layers),
+                    workdir,
+                    args.e2e_form,
+                    args.repeat,
+                )
             )
-        prof_text = profile_inprocess(workdir / f"chain_{max(sizes)}.onnx", args.top) if args.profile and sizes else ""
+        prof_text = (
+            profile_inprocess(workdir / f"chain_{max(sizes)}.onnx", args.top)
+            if args.profile and sizes
+            else ""
+        )
 
     wrong = [r for r in records if r["fused"] != r["expected_ln"] or r["out_ln"] != r["expected_ln"]]
-    chains = sorted((r for r in records if str(r["model"]).startswith("chain_")), key=lambda r: int(r["nodes"]))
+    chains = sorted(
+        (r for r in records if str(r["model"]).startswith("chain_")), key=lambda r: int(r["nodes"])
+    )
     summary: dict[str, object] = {}
     if len(chains) >= 2:
         small, big = chains[0], chains[-1]
@@ -358,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if big10k is not None:
             verdict = "PASS" if float(big10k["e2e"]) < E2E_TARGET_S else "FAIL"  # type: ignore[arg-type]
-            print(f"chain_10000 end to end: {float(big10k['e2e']):.2f} s (target < {E2E_TARGET_S:.0f} s): {verdict}")  # type: ignore[arg-type]
+            print(
+                f"chain_10000 end to end: {float(big10k['e2e']):.2f} s (target < {E2E_TARGET_S:.0f} s): {verdict}"
+            )  # type: ignore[arg-type]
         for r in wrong:
-            print(f"WRONG COUNT {r['model']}: generated {r['expected_ln']}, fused {r['fused']}, output has {r['out_ln']}")
+            print(
+                f"WRONG COUNT {r['model']}: generated {r['expected_ln']}, fused {r['fused']}, output has {r['out_ln']}"
+            )
         if prof_text:
             print(prof_text)
     if wrong:

@@ -147,7 +147,11 @@ def build_transformer(n_layers: int = 48, B: int = 1, S: int = 16, H: int = 64, 
     nodes: list[onnx.NodeProto] = []
 
     def w(name: str, rows: int, cols: int) -> str:
-        inits.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) / math.sqrt(rows)).astype(np.float32), name))
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((rows, cols)) / math.sqrt(rows)).astype(np.float32), name
+            )
+        )
         return name
 
     def affine(prefix: str) -> tuple[str, str]:

@@ -130,7 +130,7 @@ class ModelGraph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.graph: gs.Graph = gs.import_onnx(model)
+        self.graph: gs.Graph = _import_quietly(model)
         # Dead nodes would read tensors a rewrite removes; drop them (the model is only
         # exported when something was rewritten).
         if _has_dead_nodes(self.graph):
@@ -570,3 +570,20 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[Dim, ...
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     stack.extend(attr.graphs)
     return table
+
+
+def _import_quietly(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx`` without its per-tensor verbose message.
+
+    onnx-graphsurgeon formats "Tensor ... was not generated during shape inference" for every
+    tensor without a value_info (all intermediates of an exported model) before checking the
+    log level: about 4 us per tensor, 0.4 s on 110k nodes.
+    """
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    verbose = G_LOGGER.verbose
+    G_LOGGER.verbose = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        return gs.import_onnx(model)
+    finally:
+        G_LOGGER.verbose = verbose  # type: ignore[method-assign]

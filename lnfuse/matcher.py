@@ -495,17 +495,27 @@ class Walker:
             np.asarray(v, dtype=np.float64) for v in (self.mg.const_value(c) for c in consts) if v is not None
         ]
 
-        def matches(coef: np.ndarray | None, trivial: float | None) -> bool:
+        def matches(coef: np.ndarray | None, scaled: bool) -> bool:
+            """``coef`` is an original constant (up to sign; up to a scalar factor for a scale)."""
             if coef is None:
                 return True
-            if trivial is not None and coef.size >= 1 and np.all(coef == trivial):
+            if scaled and S.scalar_of(coef) is not None:
                 return True
-            for arr in arrays:
-                if arr.shape == coef.shape and (np.array_equal(arr, coef) or np.array_equal(-arr, coef)):
+            same = [arr for arr in arrays if arr.shape == coef.shape]
+            for arr in same:
+                if np.array_equal(arr, coef) or np.array_equal(-arr, coef):
                     return True
+            if not scaled:
+                return False
+            for arr in same:
+                nz = np.flatnonzero(arr)
+                if nz.size and np.array_equal(arr == 0, coef == 0):
+                    k = coef.flat[nz[0]] / arr.flat[nz[0]]
+                    if np.allclose(coef, k * arr, rtol=1e-12, atol=0.0):
+                        return True
             return False
 
-        return matches(form.scale, 1.0) and matches(form.bias, None)
+        return matches(form.scale, True) and matches(form.bias, False)
 
     def _cone(
         self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]

@@ -1,0 +1,84 @@
+"""Linear-time regression guard: a 200-block decomposed-LN chain optimized in-process.
+
+The model comes from :func:`benchmarks.gen_chain.build_chain` (the generator of the scale benchmark,
+``benchmarks/bench_scale.py``): 200 x (ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul gamma,
+Add beta, Add const, Relu) = 2,200 nodes. Every LN must be fused, the output must pass the full
+checker, and its output must equal the original's on ONNX Runtime (``ORT_DISABLE_ALL``) and a float64
+numpy reference. No timing is asserted: the benchmark reports timings, this test only makes sure the
+path the benchmark measures stays correct at a size where a quadratic step would already show up in CI.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import lnfuse
+from benchmarks.gen_chain import build_chain, build_transformer, make_input, reference_chain
+
+N_BLOCKS = 200
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, feed)
+    return y
+
+
+@pytest.fixture(scope="module")
+def chain() -> tuple[onnx.ModelProto, lnfuse.OptimizeResult]:
+    gen = build_chain(N_BLOCKS)
+    assert gen.expected_ln == N_BLOCKS
+    assert len(gen.model.graph.node) == 11 * N_BLOCKS
+    return gen.model, lnfuse.optimize(gen.model)
+
+
+def test_every_block_is_fused(chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult]) -> None:
+    _model, result = chain
+    assert result.changed
+    assert len(result.report.matches) == N_BLOCKS
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("LayerNormalization") == N_BLOCKS
+    # Each block is LayerNormalization, Add(const), Relu: nothing of the decomposition is left.
+    assert len(ops) == 3 * N_BLOCKS
+    assert not {"ReduceMean", "Sub", "Pow", "Sqrt", "Div"} & set(ops)
+    assert {m.epsilon for m in result.report.matches} == {float(np.float32(1e-5))}
+
+
+def test_output_passes_full_checker(chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult]) -> None:
+    _model, result = chain
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_numerics_equal(chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult]) -> None:
+    model, result = chain
+    feed = make_input(model, seed=3)
+    before = _run(model, feed).astype(np.float64)
+    after = _run(result.model, feed).astype(np.float64)
+    ref = reference_chain(feed["x"], N_BLOCKS)
+    # fp32 LayerNorm per block re-normalizes the rounding error of the previous ones, so the error
+    # stays at a few fp32 ulps of the O(1) values whatever the chain length.
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    assert float(np.max(np.abs(after - before))) <= 1e-4 * scale
+    assert float(np.max(np.abs(after - ref))) <= 1e-4 * scale
+
+
+def test_second_optimize_changes_nothing(chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult]) -> None:
+    _model, result = chain
+    assert lnfuse.optimize(result.model).changed is False
+
+
+def test_small_transformer_is_fused() -> None:
+    gen = build_transformer(4)
+    result = lnfuse.optimize(gen.model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert sum(n.op_type == "LayerNormalization" for n in result.model.graph.node) == gen.expected_ln == 9
+    feed = make_input(gen.model, seed=5)
+    a, b = _run(gen.model, feed), _run(result.model, feed)
+    assert float(np.max(np.abs(a - b))) <= 1e-4 * max(1.0, float(np.max(np.abs(a))))

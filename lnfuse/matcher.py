@@ -66,6 +66,8 @@ class Candidate:
     axes_positive: bool = False
     # Set by the rule's check: what the fused op reads and writes, and the nodes around the
     # match that it also replaces (a 16-bit Cast island, a Flatten/Reshape sandwich).
+    side_outputs: list[tuple[str, gs.Tensor]] = field(default_factory=list)  # ("mean"|"inv_std", tensor)
+    side_nodes: list[gs.Node] = field(default_factory=list)  # outside readers that compute only those
     source: gs.Tensor | None = None
     final: gs.Tensor | None = None
     prefix: list[gs.Node] = field(default_factory=list)
@@ -391,17 +393,44 @@ class Walker:
                 continue
             if any(id(n) in claimed for n in cone):
                 continue
-            # The match must close: only the output may be seen from outside.
+            # The match must close: only the output may be seen from outside. The one exception
+            # (allowed later only for an ONNX function expansion, see rules.check) are tensors that
+            # are exactly the mean or 1/sqrt(var + eps): LayerNormalization's own optional outputs.
             cone_ids = {id(n) for n in cone}
+            side: dict[int, tuple[str, gs.Tensor]] = {}
+            side_nodes: list[gs.Node] = []
             leak = ""
-            for n in cone:
+            for n in list(cone):
                 for out in n.outputs:
                     if out is t:
+                        continue
+                    outside = [c for c in out.outputs if id(c) not in cone_ids]
+                    kind = self._side_kind(values.get(id(out)), form, ctx)
+                    if kind and (outside or mg.is_graph_output(out)):
+                        side[id(out)] = (kind, out)
                         continue
                     if mg.is_graph_output(out):
                         leak = f"intermediate '{out.name}' is a graph output"
                         break
-                    outside = [c for c in out.outputs if id(c) not in cone_ids]
+                    absorbed = []
+                    for c in outside:
+                        c_kind = self._side_kind(
+                            values.get(id(c.outputs[0])) if c.outputs else None, form, ctx
+                        )
+                        if (
+                            c_kind
+                            and len(c.outputs) == 1
+                            and all(
+                                i is x or id(i) in values or self.mg.const_value(i) is not None
+                                for i in c.inputs
+                            )
+                        ):
+                            absorbed.append((c, c_kind))
+                    if len(absorbed) == len(outside):
+                        for c, c_kind in absorbed:
+                            side_nodes.append(c)
+                            side[id(c.outputs[0])] = (c_kind, c.outputs[0])
+                        outside = []
                     if outside:
                         leak = (
                             f"intermediate '{out.name}' (from {n.op} '{n.name}') is also read by "
@@ -427,7 +456,7 @@ class Walker:
             flags: set[str] = set(form.edef.flags)
             for n in cone:
                 flags |= values[id(n.outputs[0])].flags
-            claimed |= cone_ids
+            claimed |= cone_ids | {id(n) for n in side_nodes}
             result.candidates.append(
                 Candidate(
                     view=view,
@@ -440,6 +469,8 @@ class Walker:
                     values=values,
                     const_inputs=consts,
                     flags=frozenset(flags),
+                    side_outputs=[v for v in side.values()],
+                    side_nodes=side_nodes,
                 )
             )
         has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
@@ -477,6 +508,26 @@ class Walker:
                 )
             )
         return result
+
+    @staticmethod
+    def _side_kind(sym: S.Sym | None, form: S.NormForm, ctx: S.Context) -> str:
+        """ "mean" / "inv_std" when ``sym`` is exactly mean(x) / (var + eps)**-1/2 of this norm."""
+        if sym is None or form.kind != "ln" or len(sym.terms) != 1:
+            return ""
+        ((mono, coef),) = sym.terms.items()
+        if S.scalar_of(coef) != 1.0:
+            return ""
+        if mono == (("M", 1.0),):
+            return "mean"
+        if (
+            len(mono) == 1
+            and mono[0][0].startswith("E")
+            and mono[0][1] == -0.5
+            and form.edef.k == 1.0
+            and ctx.edef(mono[0][0]) == form.edef
+        ):
+            return "inv_std"
+        return ""
 
     def _widening_cast(self, t: gs.Tensor) -> bool:
         """True for a Cast to a wider float type at the tail: the norm ends before it."""

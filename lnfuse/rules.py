@@ -53,6 +53,7 @@ class NormParams:
     pattern: str
     flags: frozenset[str]
     pre_cast: int | None = None  # Cast the source to this type before the norm
+    side_flatten_axis: int | None = None  # Mean/InvStdDev outputs reused, flattened back at this axis
     scale_source: str | None = None  # name of an original initializer reused as Scale
     bias_source: str | None = None
 
@@ -333,6 +334,24 @@ class NormRule:
                 bias = bias64.astype(np_dtype(dtype))
         if not np.all(np.isfinite(scale)) or (bias is not None and not np.all(np.isfinite(bias))):
             return refuse("scale or bias does not fit the fused op's dtype")
+
+        # Mean / InvStdDev read outside the match: only an ONNX function expansion (a Flatten
+        # sandwich) gets them from LayerNormalization's own optional outputs; anywhere else the
+        # intermediate is left alone, as the user's graph asked for it.
+        side_axis: int | None = None
+        if cand.side_outputs:
+            kind0, t0 = cand.side_outputs[0]
+            flatten = cand.prefix[0] if cand.prefix and cand.prefix[0].op == "Flatten" else None
+            if "unflattened" not in flags or flatten is None:
+                return refuse(f"intermediate '{t0.name}' (the {kind0}) is read outside the match")
+            stash_dt = TP.DOUBLE if dtype == TP.DOUBLE else TP.FLOAT
+            for kind, t in cand.side_outputs:
+                if mg.dtype(t) != stash_dt:
+                    return refuse(
+                        f"the {kind} '{t.name}' is read outside the match in a type the fused op cannot give"
+                    )
+            side_axis = int(flatten.attrs.get("axis", 1))
+            flags.add("mean_invstd_reused")
         if "fp16_square" in flags:
             flags.add("fp16_overflow_prone")
         return NormParams(
@@ -347,6 +366,7 @@ class NormRule:
             read_source=read_source,
             out_cast=None if tdt_final == dtype else tdt_final,
             pre_cast=pre_cast,
+            side_flatten_axis=side_axis,
             perm=perm,
             pattern=("function-expanded" if "one_pass" in flags else "reshaped")
             if "unflattened" in flags
@@ -365,8 +385,9 @@ class NormRule:
         name: callable,  # type: ignore[valid-type]
         scale_t: gs.Tensor | None = None,
         bias_t: gs.Tensor | None = None,
+        side: list[tuple[str, gs.Tensor]] | None = None,
     ) -> list[gs.Node]:
-        """The fused node(s) reading ``inp`` and producing ``out``."""
+        """The fused node(s) reading ``inp`` and producing ``out`` (and ``side`` Mean/InvStdDev tensors)."""
         nodes: list[gs.Node] = []
         cur = inp
         if params.pre_cast is not None:
@@ -403,9 +424,28 @@ class NormRule:
         attrs: dict[str, object] = {"axis": int(params.axis), "epsilon": float(params.epsilon)}
         if params.op == "LayerNormalization" or params.stash_type != 1:
             attrs["stash_type"] = int(params.stash_type)
+        outs: list[gs.Tensor] = [norm_out]
+        tail: list[gs.Node] = []
+        if side and params.side_flatten_axis is not None:
+            stash = np.float64 if params.stash_type == 11 else np.float32
+            extra = {kind: gs.Variable(name(f"lnfuse_{kind}"), dtype=stash) for kind, _ in side}
+            outs += [extra.get("mean", gs.Variable.empty()), extra.get("inv_std", gs.Variable.empty())]
+            while outs and outs[-1].is_empty():
+                outs.pop()
+            for kind, t in side:
+                tail.append(
+                    gs.Node(
+                        "Flatten",
+                        name=name("lnfuse/Flatten"),
+                        attrs={"axis": params.side_flatten_axis},
+                        inputs=[extra[kind]],
+                        outputs=[t],
+                    )
+                )
         nodes.append(
-            gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=[norm_out])
+            gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=outs)
         )
+        nodes.extend(tail)
         cur = norm_out
         if params.perm is not None:
             inv = [0] * len(params.perm)
@@ -440,12 +480,16 @@ class NormRule:
     def rewrite(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> None:
         inp = self.input_of(mg, cand, params)
         out = cand.final if cand.final is not None else cand.output
-        replaced = [*cand.nodes, *(n for n in cand.suffix if n.op != "Shape")]
-        anchor = replaced[-1]
+        replaced = [*cand.nodes, *(n for n in cand.suffix if n.op != "Shape"), *cand.side_nodes]
+        # The new nodes read only the source (defined before the match) and initializers, and
+        # must come before every reader of the outputs: the first replaced node's place suits.
+        position = cand.view.position
+        anchor = min(replaced, key=lambda n: position.get(id(n), 1 << 60))
         scale_t = _find_const(cand, params.scale_source)
         bias_t = _find_const(cand, params.bias_source)
+        side = list(cand.side_outputs) if params.side_flatten_axis is not None else None
         mg.detach(replaced)
-        new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t)
+        new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t, side)
         mg.replace(cand.view, replaced, anchor, new_nodes)
 
 

@@ -229,3 +229,34 @@ def test_no_verify_gives_same_graph() -> None:
     b = lnfuse.optimize(model, verify=False)
     assert op_counts(a.model) == op_counts(b.model)
     assert a.report.proofs_run == 1 and b.report.proofs_run == 0
+
+
+def _expanded_with_live_stats() -> onnx.ModelProto:
+    """The function-expanded LN with its Mean and InvStdDev outputs also graph outputs."""
+    m = patterns.ALL["function_expanded"].build()
+    m.graph.output.append(onnx.helper.make_tensor_value_info("mean", TP.FLOAT, ["batch", "seq", 1]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("inv_std_dev", TP.FLOAT, ["batch", "seq", 1]))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_function_expanded_reuses_mean_and_invstddev_outputs() -> None:
+    model = _expanded_with_live_stats()
+    result = lnfuse.optimize(model)
+    out = result.model
+    counts = op_counts(out)
+    assert counts["LayerNormalization"] == 1 and counts["ReduceMean"] == 0 and counts["Sqrt"] == 0
+    (ln,) = [n for n in out.graph.node if n.op_type == "LayerNormalization"]
+    assert len([o for o in ln.output if o]) == 3
+    assert "mean_invstd_reused" in result.report.matches[0].flags
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": patterns.make_input(model)}
+    for ref, got in zip(run(model, feeds), run(out, feeds), strict=True):
+        assert_close(ref, got, 1e-4)
+
+
+def test_mean_read_outside_plain_ln_is_refused() -> None:
+    # Outside a function expansion the user's graph asked for its own mean: leave it.
+    result = lnfuse.optimize(patterns.ALL["neg_mean_consumed_outside"].build())
+    assert not result.changed
+    assert "outside the match" in result.report.refusals[0].reason

@@ -365,14 +365,18 @@ class ModelGraph:
     def detach(self, nodes: Iterable[gs.Node]) -> None:
         """Disconnect ``nodes`` from their tensors, remembering producers that may now be dead."""
         for n in nodes:
-            for t in n.inputs:
-                src = t.inputs[0] if t.inputs else None
-                if src is not None:
-                    v = self._node_view.get(id(src))
-                    if v is not None:
-                        v.maybe_dead.add(id(src))
-            n.inputs.clear()
+            self._release(n)
             n.outputs.clear()
+
+    def _release(self, node: gs.Node) -> None:
+        """Disconnect ``node``'s inputs; their producers may now be dead (checked at commit)."""
+        for t in node.inputs:
+            src = t.inputs[0] if t.inputs else None
+            if src is not None:
+                owner = self._node_view.get(id(src))
+                if owner is not None:
+                    owner.maybe_dead.add(id(src))
+        node.inputs.clear()
 
     def commit(self) -> int:
         """Apply scheduled rewrites in every graph, in one linear sweep each. Returns graphs changed."""
@@ -400,13 +404,7 @@ class ModelGraph:
                     if any(t.outputs or id(t) in view.output_ids for t in node.outputs):
                         continue
                     dead.add(key)
-                    for t in node.inputs:
-                        src = t.inputs[0] if t.inputs else None
-                        if src is not None:
-                            owner = self._node_view.get(id(src))
-                            if owner is not None:
-                                owner.maybe_dead.add(id(src))
-                    node.inputs.clear()
+                    self._release(node)
                     node.outputs.clear()
                 new_list = [n for n in new_list if id(n) not in dead]
             view.graph.nodes = new_list

@@ -389,31 +389,20 @@ class NormRule:
     ) -> list[gs.Node]:
         """The fused node(s) reading ``inp`` and producing ``out`` (and ``side`` Mean/InvStdDev tensors)."""
         nodes: list[gs.Node] = []
+
+        def step(
+            op: str, attrs: dict[str, object], src: gs.Tensor, dst: gs.Tensor | None, dtype: int
+        ) -> gs.Tensor:
+            """Append ``op(src) -> dst`` (a fresh tensor of ``dtype`` when ``dst`` is None)."""
+            dst = dst if dst is not None else gs.Variable(name(f"lnfuse_{op.lower()}"), dtype=np_dtype(dtype))
+            nodes.append(gs.Node(op, name=name(f"lnfuse/{op}"), attrs=attrs, inputs=[src], outputs=[dst]))
+            return dst
+
         cur = inp
         if params.pre_cast is not None:
-            t = gs.Variable(name("lnfuse_cast_in"), dtype=np_dtype(params.pre_cast))
-            nodes.append(
-                gs.Node(
-                    "Cast",
-                    name=name("lnfuse/Cast"),
-                    attrs={"to": int(params.pre_cast)},
-                    inputs=[cur],
-                    outputs=[t],
-                )
-            )
-            cur = t
+            cur = step("Cast", {"to": int(params.pre_cast)}, cur, None, params.pre_cast)
         if params.perm is not None:
-            t = gs.Variable(name("lnfuse_transposed"), dtype=np_dtype(params.dtype))
-            nodes.append(
-                gs.Node(
-                    "Transpose",
-                    name=name("lnfuse/Transpose"),
-                    attrs={"perm": list(params.perm)},
-                    inputs=[cur],
-                    outputs=[t],
-                )
-            )
-            cur = t
+            cur = step("Transpose", {"perm": list(params.perm)}, cur, None, params.dtype)
         needs_tail = params.perm is not None or params.out_cast is not None
         norm_out = gs.Variable(name("lnfuse_normalized"), dtype=np_dtype(params.dtype)) if needs_tail else out
         if scale_t is None:
@@ -425,53 +414,30 @@ class NormRule:
         if params.op == "LayerNormalization" or params.stash_type != 1:
             attrs["stash_type"] = int(params.stash_type)
         outs: list[gs.Tensor] = [norm_out]
-        tail: list[gs.Node] = []
+        extra: dict[str, gs.Tensor] = {}
         if side and params.side_flatten_axis is not None:
             stash = np.float64 if params.stash_type == 11 else np.float32
             extra = {kind: gs.Variable(name(f"lnfuse_{kind}"), dtype=stash) for kind, _ in side}
             outs += [extra.get("mean", gs.Variable.empty()), extra.get("inv_std", gs.Variable.empty())]
             while outs and outs[-1].is_empty():
                 outs.pop()
-            for kind, t in side:
-                tail.append(
-                    gs.Node(
-                        "Flatten",
-                        name=name("lnfuse/Flatten"),
-                        attrs={"axis": params.side_flatten_axis},
-                        inputs=[extra[kind]],
-                        outputs=[t],
-                    )
-                )
         nodes.append(
             gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=outs)
         )
-        nodes.extend(tail)
+        stash_type = TP.DOUBLE if params.stash_type == 11 else TP.FLOAT
+        for kind, t in side or []:
+            if kind in extra:
+                step("Flatten", {"axis": params.side_flatten_axis}, extra[kind], t, stash_type)
         cur = norm_out
         if params.perm is not None:
             inv = [0] * len(params.perm)
             for i, p in enumerate(params.perm):
                 inv[p] = i
-            t = (
-                out
-                if params.out_cast is None
-                else gs.Variable(name("lnfuse_untransposed"), dtype=np_dtype(params.dtype))
+            cur = step(
+                "Transpose", {"perm": inv}, cur, out if params.out_cast is None else None, params.dtype
             )
-            nodes.append(
-                gs.Node(
-                    "Transpose", name=name("lnfuse/Transpose"), attrs={"perm": inv}, inputs=[cur], outputs=[t]
-                )
-            )
-            cur = t
         if params.out_cast is not None:
-            nodes.append(
-                gs.Node(
-                    "Cast",
-                    name=name("lnfuse/Cast"),
-                    attrs={"to": int(params.out_cast)},
-                    inputs=[cur],
-                    outputs=[out],
-                )
-            )
+            step("Cast", {"to": int(params.out_cast)}, cur, out, params.out_cast)
         return nodes
 
     def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> gs.Tensor:

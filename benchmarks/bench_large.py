@@ -27,8 +27,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.gen_chain import ln_nodes
+
 
 def _ln(x: str, out: str, p: str, h: int, inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """The torch.onnx LayerNorm chain (from gen_chain) with its own gamma/beta/eps, ending in ``out``."""
     rng = np.random.default_rng(len(p))
     inits += [
         numpy_helper.from_array(rng.normal(1, 0.1, h).astype(np.float32), f"{p}gamma"),
@@ -36,17 +40,10 @@ def _ln(x: str, out: str, p: str, h: int, inits: list[onnx.TensorProto]) -> list
         numpy_helper.from_array(np.array(2.0, np.float32), f"{p}two"),
         numpy_helper.from_array(np.array(1e-5, np.float32), f"{p}eps"),
     ]
-    return [
-        helper.make_node("ReduceMean", [x], [p + "m"], axes=[-1]),
-        helper.make_node("Sub", [x, p + "m"], [p + "d"]),
-        helper.make_node("Pow", [p + "d", p + "two"], [p + "sq"]),
-        helper.make_node("ReduceMean", [p + "sq"], [p + "v"], axes=[-1]),
-        helper.make_node("Add", [p + "v", p + "eps"], [p + "ve"]),
-        helper.make_node("Sqrt", [p + "ve"], [p + "s"]),
-        helper.make_node("Div", [p + "d", p + "s"], [p + "n"]),
-        helper.make_node("Mul", [p + "n", p + "gamma"], [p + "ng"]),
-        helper.make_node("Add", [p + "ng", p + "beta"], [out]),
-    ]
+    nodes: list[onnx.NodeProto] = []
+    last = ln_nodes(nodes, x, p, f"{p}gamma", f"{p}beta", f"{p}two", f"{p}eps")
+    nodes.append(helper.make_node("Identity", [last], [out]))
+    return nodes
 
 
 def build(path: Path, gb: float) -> int:

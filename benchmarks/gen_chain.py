@@ -33,7 +33,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["Generated", "build_chain", "build_transformer", "chain_params", "make_input", "reference_chain"]
+__all__ = [
+    "Generated",
+    "build_chain",
+    "build_transformer",
+    "chain_params",
+    "ln_nodes",
+    "make_input",
+    "reference_chain",
+]
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14 by default
@@ -58,7 +66,7 @@ def chain_params(n_blocks: int, H: int = 64, seed: int = 0) -> tuple[np.ndarray,
     return gammas, betas, shift
 
 
-def _ln_nodes(
+def ln_nodes(
     nodes: list[onnx.NodeProto], x: str, prefix: str, gamma: str, beta: str, two: str, eps: str
 ) -> str:
     """Append the 9-node torch.onnx LayerNorm chain over the last axis; returns its output name."""
@@ -116,7 +124,7 @@ def build_chain(n_blocks: int, B: int = 1, S: int = 8, H: int = 64, seed: int = 
         g_name, b_name = f"blocks.{i}.norm.weight", f"blocks.{i}.norm.bias"
         inits.append(numpy_helper.from_array(gammas[i], g_name))
         inits.append(numpy_helper.from_array(betas[i], b_name))
-        ln = _ln_nodes(nodes, cur, f"/blocks.{i}/norm", g_name, b_name, "pow_two", "ln_eps")
+        ln = ln_nodes(nodes, cur, f"/blocks.{i}/norm", g_name, b_name, "pow_two", "ln_eps")
         shifted = f"/blocks.{i}/Add_output_0"
         nodes.append(helper.make_node("Add", [ln, "shift"], [shifted], name=f"/blocks.{i}/Add"))
         cur = "y" if i == n_blocks - 1 else f"/blocks.{i}/Relu_output_0"
@@ -169,7 +177,7 @@ def build_transformer(n_layers: int = 48, B: int = 1, S: int = 16, H: int = 64, 
     for i in range(n_layers):
         p = f"/layers.{i}"
         g1, b1 = affine(f"layers.{i}.ln1")
-        h = _ln_nodes(nodes, cur, f"{p}/ln1", g1, b1, "pow_two", "ln_eps")
+        h = ln_nodes(nodes, cur, f"{p}/ln1", g1, b1, "pow_two", "ln_eps")
         q = op("MatMul", [h, w(f"layers.{i}.attn.q", H, H)], f"{p}/attn/q/MatMul")
         k = op("MatMul", [h, w(f"layers.{i}.attn.k", H, H)], f"{p}/attn/k/MatMul")
         v = op("MatMul", [h, w(f"layers.{i}.attn.v", H, H)], f"{p}/attn/v/MatMul")
@@ -181,13 +189,13 @@ def build_transformer(n_layers: int = 48, B: int = 1, S: int = 16, H: int = 64, 
         a = op("MatMul", [a, w(f"layers.{i}.attn.o", H, H)], f"{p}/attn/o/MatMul")
         cur = op("Add", [cur, a], f"{p}/Add")
         g2, b2 = affine(f"layers.{i}.ln2")
-        h = _ln_nodes(nodes, cur, f"{p}/ln2", g2, b2, "pow_two", "ln_eps")
+        h = ln_nodes(nodes, cur, f"{p}/ln2", g2, b2, "pow_two", "ln_eps")
         m = op("MatMul", [h, w(f"layers.{i}.mlp.fc1", H, 2 * H)], f"{p}/mlp/fc1/MatMul")
         m = op("Relu", [m], f"{p}/mlp/Relu")
         m = op("MatMul", [m, w(f"layers.{i}.mlp.fc2", 2 * H, H)], f"{p}/mlp/fc2/MatMul")
         cur = op("Add", [cur, m], f"{p}/Add_1")
     gf, bf = affine("final_norm")
-    _ln_nodes(nodes, cur, "/final_norm", gf, bf, "pow_two", "ln_eps")
+    ln_nodes(nodes, cur, "/final_norm", gf, bf, "pow_two", "ln_eps")
     # Name the graph output "y".
     nodes[-1].output[0] = "y"
     model = _model(nodes, inits, [B, S, H], f"transformer_{n_layers}", "y")

@@ -629,3 +629,44 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+DYNAMIC_DIM = 3
+_NP_TYPES = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32,
+    TensorProto.BOOL: np.bool_,
+}
+
+
+def fixture_feeds(
+    model: ModelProto, seed: int, dims: dict[str, int] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Seeded inputs for a fixture: symbolic dims from ``dims`` (else 3); one feed per value of each bool input."""
+    rng = np.random.default_rng(seed)
+    initializers = {init.name for init in model.graph.initializer}
+    feed: dict[str, np.ndarray] = {}
+    bool_inputs: list[str] = []
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        tensor_type = inp.type.tensor_type
+        dtype = _NP_TYPES[tensor_type.elem_type]
+        shape = [
+            d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, DYNAMIC_DIM)
+            for d in tensor_type.shape.dim
+        ]
+        if dtype is np.bool_:
+            bool_inputs.append(inp.name)
+            feed[inp.name] = np.array(True)
+        elif np.issubdtype(dtype, np.integer):
+            feed[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
+        else:
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+    feeds = [feed]
+    for name in bool_inputs:
+        feeds = [{**f, name: np.array(v)} for f in feeds for v in (True, False)]
+    return feeds

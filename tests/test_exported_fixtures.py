@@ -22,47 +22,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models.recurrent import EXPORTED, OUT_DIR, ExportedCase, count_decomposed_ln, count_ops
-
-DYNAMIC_DIM = 3
-
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.BOOL: np.bool_,
-}
+from models.recurrent import EXPORTED, OUT_DIR, ExportedCase, count_decomposed_ln, count_ops, fixture_feeds
 
 
 def _path(case: ExportedCase) -> Path:
     return OUT_DIR / f"{case.name}.onnx"
-
-
-def _input_feeds(model: onnx.ModelProto, seed: int) -> list[dict[str, np.ndarray]]:
-    """Seeded inputs from the graph's input shapes; one feed per value of any bool scalar input."""
-    rng = np.random.default_rng(seed)
-    initializers = {init.name for init in model.graph.initializer}
-    feed: dict[str, np.ndarray] = {}
-    bool_inputs: list[str] = []
-    for inp in model.graph.input:
-        if inp.name in initializers:
-            continue
-        tensor_type = inp.type.tensor_type
-        dtype = _NP_TYPES[tensor_type.elem_type]
-        shape = [d.dim_value if d.HasField("dim_value") else DYNAMIC_DIM for d in tensor_type.shape.dim]
-        if dtype is np.bool_:
-            bool_inputs.append(inp.name)
-            feed[inp.name] = np.array(True)
-        elif np.issubdtype(dtype, np.integer):
-            feed[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
-        else:
-            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-    feeds = [feed]
-    for name in bool_inputs:
-        feeds = [{**f, name: np.array(v)} for f in feeds for v in (True, False)]
-    return feeds
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -105,7 +69,7 @@ def test_fixture_runs_on_ort(case: ExportedCase) -> None:
     path = _path(case)
     model = onnx.load(str(path))
     sess = _session(path)
-    feeds = _input_feeds(model, seed=len(case.name))
+    feeds = fixture_feeds(model, seed=len(case.name))
     outputs_per_feed = []
     for feed in feeds:
         outputs = sess.run(None, feed)

@@ -33,18 +33,17 @@ from onnx import TensorProto, helper, numpy_helper
 import lnfuse
 from lnfuse.pipeline import PassContext
 from lnfuse.report import Report
-from models.recurrent import EXPORTED, OUT_DIR, ExportedCase, count_decomposed_ln, count_ops, decomposed_ln
+from models.recurrent import (
+    EXPORTED,
+    OUT_DIR,
+    ExportedCase,
+    count_decomposed_ln,
+    count_ops,
+    decomposed_ln,
+    fixture_feeds,
+)
 
 RTOL = 1e-5
-DYNAMIC_DIM = 3
-
-_NP_TYPES = {
-    TensorProto.FLOAT: np.float32,
-    TensorProto.FLOAT16: np.float16,
-    TensorProto.DOUBLE: np.float64,
-    TensorProto.INT64: np.int64,
-    TensorProto.BOOL: np.bool_,
-}
 
 
 # ----------------------------------------------------------------------------
@@ -90,36 +89,6 @@ def ln_instances(model: onnx.ModelProto) -> int:
     return total
 
 
-def _feeds(
-    model: onnx.ModelProto, seed: int, dims: dict[str, int] | None = None
-) -> list[dict[str, np.ndarray]]:
-    """Seeded inputs; symbolic dims from ``dims`` (else 3); one feed per value of each bool input."""
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
-    feed: dict[str, np.ndarray] = {}
-    bools: list[str] = []
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dtype = _NP_TYPES[tt.elem_type]
-        shape = [
-            d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, DYNAMIC_DIM)
-            for d in tt.shape.dim
-        ]
-        if dtype is np.bool_:
-            bools.append(inp.name)
-            feed[inp.name] = np.array(True)
-        elif np.issubdtype(dtype, np.integer):
-            feed[inp.name] = rng.integers(0, 4, size=shape).astype(dtype)
-        else:
-            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-    feeds = [feed]
-    for name in bools:
-        feeds = [{**f, name: np.array(v)} for f in feeds for v in (True, False)]
-    return feeds
-
-
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -131,7 +100,7 @@ def assert_same(
     a: onnx.ModelProto, b: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | None = None
 ) -> None:
     """Same outputs (max abs error <= 1e-5 relative to the reference's magnitude) on seeded inputs."""
-    for feed in _feeds(a, seed, dims):
+    for feed in fixture_feeds(a, seed, dims):
         for ra, rb in zip(_run(a, feed), _run(b, feed), strict=True):
             assert ra.shape == rb.shape
             scale = max(1.0, float(np.max(np.abs(ra)))) if ra.size else 1.0
@@ -496,7 +465,7 @@ def test_hoist_symbolic_t_gather() -> None:
     assert _op_count(res.model, "Slice") == 1  # X[0:6]: T is not known to be 6
     # A longer sequence: the unused tail is ignored by both; a shorter one fails in both.
     assert_same(model, res.model, seed=2, dims={"T": 9})
-    feed = _feeds(model, 0, {"T": 4})[0]
+    feed = fixture_feeds(model, 0, {"T": 4})[0]
     with pytest.raises(Exception):  # noqa: B017 - ORT raises its own error types
         _run(model, feed)
     with pytest.raises(Exception):  # noqa: B017

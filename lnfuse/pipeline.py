@@ -87,7 +87,7 @@ class NormPass:
             ctx.report.matches.append(record)
             if "fp16_overflow_prone" in params.flags:
                 ctx.report.warnings.append(
-                    f"decomposed fp16 norm at '{cand.output.name}' overflowed for |x - mean| > ~256; "
+                    f"decomposed fp16 norm at '{cand.output.name}' overflows for |x - mean| > ~256; "
                     "the fused op keeps fp32 statistics (stash_type=1)"
                 )
             modified = True

@@ -102,6 +102,44 @@ class _Ctx:
         self.new_constants = graph_inits
         self.ranks = ranks
         self.counter = 0
+        self.expand: set[str] = set()  # outputs of Softmax-family nodes to rewrite in 2-D form
+
+
+_SOFTMAX_FAMILY = ("Softmax", "LogSoftmax", "Hardmax")
+
+
+def _expand_softmax(graph: onnx.GraphProto, outputs: set[str]) -> None:
+    """Replace each opset<13 ``Softmax(x, axis=a)`` whose output is in ``outputs`` by
+    ``Reshape(Softmax(Flatten(x, a), axis=-1), Shape(x))``: the old definition, spelled in ops
+    whose meaning does not change (exact for any rank)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        new_nodes: list[onnx.NodeProto] = []
+        changed = False
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+            if node.op_type in _SOFTMAX_FAMILY and node.domain in DEFAULT_DOMAINS and node.output[0] in outputs:
+                a = _attr(node, "axis")
+                axis = int(a.i) if a is not None else 1
+                x, y = node.input[0], node.output[0]
+                flat, norm, shape = f"{y}__lnfuse_2d", f"{y}__lnfuse_rows", f"{y}__lnfuse_shape"
+                new_nodes += [
+                    helper.make_node("Flatten", [x], [flat], axis=axis, name=f"{node.name}/lnfuse_flatten"),
+                    helper.make_node(node.op_type, [flat], [norm], axis=-1, name=node.name),
+                    helper.make_node("Shape", [x], [shape], name=f"{node.name}/lnfuse_shape"),
+                    helper.make_node("Reshape", [norm, shape], [y], allowzero=1, name=f"{node.name}/lnfuse_reshape"),
+                ]
+                changed = True
+            else:
+                new_nodes.append(node)
+        if changed:
+            del g.node[:]
+            g.node.extend(new_nodes)
 
 
 def _move_ints_attr_to_input(name: str, position: int) -> Converter:
@@ -261,6 +299,11 @@ def _upgrade(
             if from_v < 11:
                 return f"{op} changed between opset {from_v} and {target} (schema {a} -> {b}); models below opset 11 are raised only when no op changed"
             cond = _condition(node, from_v, ctx)
+            if cond is not None and op in _SOFTMAX_FAMILY and where == "graph" and target >= 14:
+                # Opset-11 semantics, exactly: coerce to 2-D at ``axis``, normalize rows, reshape back.
+                if apply:
+                    ctx.expand.add(node.output[0])
+                continue
             if cond is not None:
                 return cond
             if not _structurally_compatible(op, a, b) and op not in (
@@ -280,6 +323,8 @@ def _upgrade(
                 if imp.domain in DEFAULT_DOMAINS and imp.version < target:
                     imp.version = target
         model.graph.initializer.extend(ctx.new_constants)
+        if ctx.expand:
+            _expand_softmax(model.graph, ctx.expand)
         need_ir = min_ir_version(target)
         if model.ir_version < need_ir:
             model.ir_version = need_ir

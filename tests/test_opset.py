@@ -80,13 +80,31 @@ def test_axes_attributes_move_to_inputs_exactly() -> None:
     assert len(sq.input) == 2 and not sq.attribute
 
 
-def test_softmax_over_non_last_axis_blocks_the_raise() -> None:
+def test_softmax_over_non_last_axis_is_rewritten_exactly() -> None:
+    # Opset 13 changed what Softmax(axis=1) means on a rank-3 input; the old meaning is
+    # spelled as Flatten -> Softmax(-1) -> Reshape so the raise stays exact.
     extra = [helper.make_node("Softmax", ["ln"], ["y"], axis=1)]
     m = _model(extra, 11, [2, 3, H])
     res = lnfuse.optimize(m)
+    assert res.changed and opset_mod.default_opset(res.model) == 17
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("Flatten") == 1 and ops.count("Reshape") == 1
+    onnx.checker.check_model(res.model, full_check=True)
+    np.testing.assert_allclose(_run(res.model, X), _run(m, X), rtol=1e-5, atol=1e-6)
+
+
+def test_roialign_blocks_the_raise() -> None:
+    rois = numpy_helper.from_array(np.array([[0, 0, 1, 1]], np.float32), "rois")
+    idx = numpy_helper.from_array(np.array([0], np.int64), "bi")
+    extra = [
+        helper.make_node("Unsqueeze", ["ln"], ["ln4"], axes=[0]),
+        helper.make_node("RoiAlign", ["ln4", "rois", "bi"], ["y"], output_height=1, output_width=1),
+    ]
+    m = _model(extra, 11, [1, 2, 1, 1], extra_inits=[rois, idx])
+    res = lnfuse.optimize(m)
     assert not res.changed and res.model is m
     assert res.report.found_not_rewritten and not res.report.matches
-    assert "Softmax" in res.report.opset_note
+    assert "RoiAlign" in res.report.opset_note
     assert "found but not rewritten" in res.report.render_text()
 
 

@@ -67,6 +67,7 @@ class Candidate:
     # Set by the rule's check: what the fused op reads and writes, and the nodes around the
     # match that it also replaces (a 16-bit Cast island, a Flatten/Reshape sandwich).
     side_outputs: list[tuple[str, gs.Tensor]] = field(default_factory=list)  # ("mean"|"inv_std", tensor)
+    x_aliases: list[gs.Node] = field(default_factory=list)  # duplicate Casts producing copies of x
     side_nodes: list[gs.Node] = field(default_factory=list)  # outside readers that compute only those
     source: gs.Tensor | None = None
     final: gs.Tensor | None = None
@@ -134,6 +135,7 @@ class Walker:
         self.mg = mg
         self._const_sym: dict[int, S.Sym | None] = {}
         self._cone_cache: dict[tuple[int, int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
+        self._alias_ids: set[int] = set()
 
     # -- proposals --------------------------------------------------------------
     def proposals(
@@ -196,10 +198,16 @@ class Walker:
         self._n_norm_args = (x, axes, rank)
         self._n_norm_done = False
         values: dict[int, S.Sym] = {id(x): S.Sym.atom("X")}
+        # Exporters may cast the same tensor twice (T5 in fp16: one Cast feeds the statistics, a
+        # second the final Mul): identical Casts of x's source are x too.
+        aliases = self._aliases(x)
+        self._alias_ids = {id(x)} | {id(a.outputs[0]) for a in aliases}
+        for a in aliases:
+            values[id(a.outputs[0])] = S.Sym.atom("X")
         order: list[gs.Tensor] = []
         done: set[int] = set()
         failures: list[tuple[gs.Node, str]] = []
-        queue: list[gs.Tensor] = [x]
+        queue: list[gs.Tensor] = [x, *(a.outputs[0] for a in aliases)]
         evals = 0
         qi = 0
         while qi < len(queue) and evals < MAX_EVAL:
@@ -241,7 +249,20 @@ class Walker:
         res = self._select(x, axes, rank, anchor, ctx, values, order, failures)
         for cand in res.candidates:
             cand.axes_positive = positive
+            cand.x_aliases = [a for a in aliases if any(id(n) in {id(m) for m in cand.nodes} for n in a.outputs[0].outputs)]
         return res
+
+    def _aliases(self, x: gs.Tensor) -> list[gs.Node]:
+        """Other ``Cast`` nodes that cast x's source to x's type (x itself produced by a Cast)."""
+        p = self.mg.producer(x)
+        if p is None or p.op != "Cast" or p.domain or not p.inputs:
+            return []
+        to = p.attrs.get("to")
+        return [
+            c
+            for c in p.inputs[0].outputs
+            if c is not p and c.op == "Cast" and not c.domain and c.attrs.get("to") == to and len(c.outputs) == 1
+        ]
 
     def _norm_count(self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None) -> int | None:
         shape = self.mg.shape(x)
@@ -421,7 +442,7 @@ class Walker:
                             c_kind
                             and len(c.outputs) == 1
                             and all(
-                                i is x or id(i) in values or self.mg.const_value(i) is not None
+                                id(i) in self._alias_ids or id(i) in values or self.mg.const_value(i) is not None
                                 for i in c.inputs
                             )
                         ):
@@ -596,7 +617,7 @@ class Walker:
             seen.add(id(n))
             nodes.append(n)
             for idx, inp in enumerate(n.inputs):
-                if inp is x:
+                if inp is x or id(inp) in self._alias_ids:
                     continue
                 if id(inp) in values and inp.inputs:
                     stack.append(inp.inputs[0])

@@ -301,6 +301,12 @@ class NormRule:
                 and tdt in SIXTEEN_BIT
             ):
                 cand.source, cand.prefix = src.inputs[0], [src]
+            elif cand.x_aliases and src is not None:
+                # x is read through several identical Casts of one source: the fused op reads
+                # the source (cast once in front of it), so no copy of x is left behind.
+                cand.source, cand.prefix = src.inputs[0], [src]
+        if cand.x_aliases and cand.prefix and cand.prefix[-1] is mg.producer(x):
+            cand.prefix = [*cand.prefix, *cand.x_aliases]
 
         # Types: the fused op computes in the source's dtype when the coefficients fit it exactly
         # and the result is wanted in that dtype; otherwise in x's dtype (with Casts around).
@@ -319,7 +325,7 @@ class NormRule:
             ):
                 dtype = src_dt
             elif src_dt != xdt:
-                if not cand.suffix:  # a 16-bit island that does not fit: keep x as the input
+                if not cand.suffix and not cand.x_aliases:  # a 16-bit island that does not fit: keep x
                     cand.source, cand.prefix = x, []
                 else:
                     pre_cast = xdt

@@ -65,7 +65,10 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 
 
 _BIG_TENSOR = 1 << 20  # bytes: initializers above this are exported without an intermediate copy
-_FOLDABLE = frozenset({"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze"})
+_FOLDABLE = frozenset(
+    {"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Shape", "Gather", "ReduceProd"}
+    | {"Add", "Sub", "Mul", "Div"}
+)
 
 
 def tensor_nbytes(t: onnx.TensorProto) -> int:
@@ -216,11 +219,48 @@ class ModelGraph:
         return value
 
     def _fold(self, node: gs.Node, depth: int) -> np.ndarray | None:
-        """Value of a shape-only or Cast node applied to constants (what exporters put around eps/gamma)."""
+        """Value of a small node applied to constants: what exporters put around eps/gamma, and
+        the ``N`` of an unbiased variance computed from ``Shape`` (static dims only)."""
+        op = node.op
+        if op == "Shape":
+            shape = self.shape(node.inputs[0])
+            if (
+                shape is None
+                or not all(isinstance(d, int) for d in shape)
+                or node.attrs.get("start")
+                or node.attrs.get("end") is not None
+            ):
+                return None
+            return np.asarray(shape, dtype=np.int64)
+        if op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
+            # Gather(Shape(t), i) needs only the gathered dims to be static.
+            idx = self.const_value(node.inputs[1], depth + 1)
+            shape = self.shape(node.inputs[0].inputs[0].inputs[0])
+            if idx is None or shape is None or int(node.attrs.get("axis", 0)) != 0:
+                return None
+            try:
+                picked = np.asarray(shape, dtype=object)[idx.astype(np.int64)]
+            except (IndexError, ValueError):
+                return None
+            if not all(isinstance(d, int) for d in np.asarray(picked).reshape(-1)):
+                return None
+            return np.asarray(picked, dtype=np.int64)
+        if op in ("Add", "Sub", "Mul", "Div"):
+            if len(node.inputs) != 2:
+                return None
+            a = self.const_value(node.inputs[0], depth + 1)
+            b = self.const_value(node.inputs[1], depth + 1)
+            if a is None or b is None or a.size > 4096 or b.size > 4096 or a.dtype != b.dtype:
+                return None
+            with np.errstate(all="ignore"):
+                if op == "Div":
+                    if a.dtype.kind in "iu":
+                        return None  # integer division semantics differ; not needed here
+                    return np.divide(a, b)
+                return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b)
         src = self.const_value(node.inputs[0], depth + 1)
         if src is None or src.size > 1 << 22:
             return None
-        op = node.op
         try:
             if op == "Identity":
                 return src
@@ -241,6 +281,11 @@ class ModelGraph:
                 dims = [int(d) for d in shape.reshape(-1)]
                 dims = [src.shape[i] if d == 0 else d for i, d in enumerate(dims)]
                 return src.reshape(dims)
+            if op == "ReduceProd":
+                if len(node.inputs) > 1 or "axes" in node.attrs:
+                    return None
+                out = np.asarray(np.prod(src), dtype=src.dtype)
+                return out if not int(node.attrs.get("keepdims", 1)) else out.reshape((1,) * src.ndim)
             if op in ("Unsqueeze", "Squeeze"):
                 if len(node.inputs) > 1:
                     axes_v = self.const_value(node.inputs[1], depth + 1)

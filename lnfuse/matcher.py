@@ -44,9 +44,12 @@ ALGEBRA_OPS = frozenset(
         "Pow",
         "ReduceMean",
         "ReduceSum",
+        "Unsqueeze",
+        "Reshape",
     }
 )
 REDUCE_OPS = ("ReduceMean", "ReduceSum")
+SQUEEZED = "squeezed"  # flag: a keepdims=0 reduction, not yet unsqueezed
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Candidate:
     # match that it also replaces (a 16-bit Cast island, a Flatten/Reshape sandwich).
     side_outputs: list[tuple[str, gs.Tensor]] = field(default_factory=list)  # ("mean"|"inv_std", tensor)
     x_aliases: list[gs.Node] = field(default_factory=list)  # duplicate Casts producing copies of x
+    group: int | None = None  # candidates sharing nodes: rewritten all together or not at all
     side_nodes: list[gs.Node] = field(default_factory=list)  # outside readers that compute only those
     source: gs.Tensor | None = None
     final: gs.Tensor | None = None
@@ -228,6 +232,19 @@ class Walker:
                     inputs.append(sym)
                 if not ready:
                     continue
+                if (
+                    node.op not in ("Unsqueeze", "Reshape")
+                    and any(SQUEEZED in i.flags for i in inputs)
+                    and not all(
+                        SQUEEZED in i.flags or (i.is_const() and self._scalar_const(t))
+                        for i, t in zip(inputs, node.inputs, strict=False)
+                    )
+                ):
+                    # A keepdims=0 statistic may meet scalars (/ (N - 1), + eps) before it is
+                    # unsqueezed; meeting anything shaped like x would broadcast it wrongly.
+                    done.add(id(node))
+                    failures.append((node, "reduction with keepdims=0 no longer broadcasts per row"))
+                    continue
                 done.add(id(node))
                 evals += 1
                 try:
@@ -249,7 +266,9 @@ class Walker:
         res = self._select(x, axes, rank, anchor, ctx, values, order, failures)
         for cand in res.candidates:
             cand.axes_positive = positive
-            cand.x_aliases = [a for a in aliases if any(id(n) in {id(m) for m in cand.nodes} for n in a.outputs[0].outputs)]
+            cand.x_aliases = [
+                a for a in aliases if any(id(n) in {id(m) for m in cand.nodes} for n in a.outputs[0].outputs)
+            ]
         return res
 
     def _aliases(self, x: gs.Tensor) -> list[gs.Node]:
@@ -261,7 +280,11 @@ class Walker:
         return [
             c
             for c in p.inputs[0].outputs
-            if c is not p and c.op == "Cast" and not c.domain and c.attrs.get("to") == to and len(c.outputs) == 1
+            if c is not p
+            and c.op == "Cast"
+            and not c.domain
+            and c.attrs.get("to") == to
+            and len(c.outputs) == 1
         ]
 
     def _norm_count(self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None) -> int | None:
@@ -344,8 +367,7 @@ class Walker:
             raw_axes, ok = reduce_axes(self.mg, node)
             if not ok:
                 return None, f"{op} axes are not constant"
-            if int(node.attrs.get("keepdims", 1)) != 1:
-                return None, f"{op} with keepdims=0 no longer broadcasts per row"
+            squeezed = int(node.attrs.get("keepdims", 1)) != 1
             naxes = normalize_axes(raw_axes, rank)
             if naxes is None and rank is None:
                 shape = self.mg.shape(node.inputs[0])
@@ -364,8 +386,48 @@ class Walker:
                 res = S.mul(res, S.Sym.const(np.asarray(float(ctx.n_norm))))
                 if res is not None:
                     res = res.with_flags("reduce_sum")
+            if squeezed and res is not None:
+                # keepdims=0: usable only once an Unsqueeze / Reshape puts the reduced axes back.
+                res = res.with_flags(SQUEEZED)
             return res, ""
+        if op in ("Unsqueeze", "Reshape"):
+            if SQUEEZED not in ins[0].flags:
+                return None, ""
+            if not self._restores_reduced_axes(node, axes):
+                return None, f"{op} does not put the reduced axes {list(axes)} back"
+            return S.Sym(ins[0].terms, ins[0].flags - {SQUEEZED}), ""
         return None, ""
+
+    def _scalar_const(self, t: gs.Tensor) -> bool:
+        v = self.mg.const_value(t)
+        return v is not None and v.size == 1 and v.ndim <= 1
+
+    def _restores_reduced_axes(self, node: gs.Node, axes: tuple[int, ...]) -> bool:
+        """``node`` (Unsqueeze / Reshape of a keepdims=0 reduction) gives the keepdims=1 shape."""
+        x = self._n_norm_args[0]
+        if node.op == "Unsqueeze":
+            if len(node.inputs) > 1:
+                v = self.mg.const_value(node.inputs[1])
+                un = None if v is None else [int(a) for a in v.reshape(-1)]
+            else:
+                un = [int(a) for a in node.attrs.get("axes", [])] or None
+            if un is None:
+                return False
+            if all(a < 0 for a in un):
+                return tuple(sorted(un)) == axes
+            shape = self.mg.shape(x)
+            if shape is None:
+                return False
+            r = len(shape)
+            return tuple(sorted(a - r if a >= 0 else a for a in un)) == axes
+        target = self.mg.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        shape = self.mg.shape(x)
+        if target is None or shape is None or not all(isinstance(d, int) for d in shape):
+            return False
+        if int(node.attrs.get("allowzero", 0)):
+            return False
+        want = [1 if (i - len(shape)) in axes else int(d) for i, d in enumerate(shape)]  # type: ignore[arg-type]
+        return [int(d) for d in target.reshape(-1)] == want
 
     def _square_flags(self, node: gs.Node) -> tuple[str, ...]:
         dt = self.mg.dtype(node.outputs[0]) if node.outputs else None
@@ -442,7 +504,9 @@ class Walker:
                             c_kind
                             and len(c.outputs) == 1
                             and all(
-                                id(i) in self._alias_ids or id(i) in values or self.mg.const_value(i) is not None
+                                id(i) in self._alias_ids
+                                or id(i) in values
+                                or self.mg.const_value(i) is not None
                                 for i in c.inputs
                             )
                         ):
@@ -494,6 +558,10 @@ class Walker:
                     side_nodes=side_nodes,
                 )
             )
+        if not result.candidates and len(complete) >= 2:
+            # Exporters (CSE) share the mean, the centred value and the variance between two
+            # norms of one input; together the two matches close even though neither does alone.
+            result.candidates.extend(self._group(x, axes, rank, complete, values))
         has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
         stats_failure = has_mean and any(
             n.op in ("Pow", "Sqrt", "Reciprocal", "Div", "ReduceMean", "ReduceSum") for n, _ in failures
@@ -529,6 +597,66 @@ class Walker:
                 )
             )
         return result
+
+    def _group(
+        self,
+        x: gs.Tensor,
+        axes: tuple[int, ...],
+        rank: int | None,
+        complete: list[tuple[gs.Tensor, S.NormForm | None]],
+        values: dict[int, S.Sym],
+    ) -> list[Candidate]:
+        """Several norms of ``x`` whose matches share nodes and close only as a union."""
+        mg = self.mg
+        picked: list[tuple[gs.Tensor, S.NormForm, list[gs.Node], list[gs.Tensor]]] = []
+        union: set[int] = set()
+        for t, form in reversed(complete):  # deepest (most complete) first
+            if form is None or (t.inputs and id(t.inputs[0]) in union):
+                continue
+            cone, consts, why = self._cone(x, t, values)
+            if why or any(p[0].inputs and p[0].inputs[0] in cone for p in picked):
+                continue
+            picked.append((t, form, cone, consts))
+            union |= {id(n) for n in cone}
+        if len(picked) < 2:
+            return []
+        outputs = {id(p[0]) for p in picked}
+        all_nodes = [n for p in picked for n in p[2]]
+        views = {id(mg.view_of(n)) for n in all_nodes}
+        if len(views) != 1:
+            return []
+        for n in all_nodes:
+            for out in n.outputs:
+                if id(out) in outputs:
+                    continue
+                if mg.is_graph_output(out) or any(id(c) not in union for c in out.outputs):
+                    return []
+                if S.is_negated_centering(values.get(id(out), S.Sym({}))):
+                    return []
+        view = mg.view_of(all_nodes[0])
+        assert view is not None
+        group_id = id(picked[0][0])
+        cands = []
+        for t, form, cone, consts in picked:
+            flags: set[str] = set(form.edef.flags) | {"shared_statistics"}
+            for n in cone:
+                flags |= values[id(n.outputs[0])].flags
+            cands.append(
+                Candidate(
+                    view=view,
+                    x=x,
+                    axes=axes,
+                    rank=rank,
+                    output=t,
+                    nodes=cone,
+                    form=form,
+                    values=values,
+                    const_inputs=consts,
+                    flags=frozenset(flags),
+                    group=group_id,
+                )
+            )
+        return cands
 
     @staticmethod
     def _side_kind(sym: S.Sym | None, form: S.NormForm, ctx: S.Context) -> str:
@@ -621,7 +749,9 @@ class Walker:
                     continue
                 if id(inp) in values and inp.inputs:
                     stack.append(inp.inputs[0])
-                elif not (idx > 0 and n.op in REDUCE_OPS):  # axes are not data
+                elif not (
+                    idx > 0 and n.op in (*REDUCE_OPS, "Unsqueeze", "Reshape")
+                ):  # axes/shape are not data
                     consts.append(inp)
         view = self.mg.view_of(start)
         if view is None:

@@ -123,7 +123,11 @@ def _expand_softmax(graph: onnx.GraphProto, outputs: set[str]) -> None:
                     stack.append(attr.g)
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     stack.extend(attr.graphs)
-            if node.op_type in _SOFTMAX_FAMILY and node.domain in DEFAULT_DOMAINS and node.output[0] in outputs:
+            if (
+                node.op_type in _SOFTMAX_FAMILY
+                and node.domain in DEFAULT_DOMAINS
+                and node.output[0] in outputs
+            ):
                 a = _attr(node, "axis")
                 axis = int(a.i) if a is not None else 1
                 x, y = node.input[0], node.output[0]
@@ -132,7 +136,9 @@ def _expand_softmax(graph: onnx.GraphProto, outputs: set[str]) -> None:
                     helper.make_node("Flatten", [x], [flat], axis=axis, name=f"{node.name}/lnfuse_flatten"),
                     helper.make_node(node.op_type, [flat], [norm], axis=-1, name=node.name),
                     helper.make_node("Shape", [x], [shape], name=f"{node.name}/lnfuse_shape"),
-                    helper.make_node("Reshape", [norm, shape], [y], allowzero=1, name=f"{node.name}/lnfuse_reshape"),
+                    helper.make_node(
+                        "Reshape", [norm, shape], [y], allowzero=1, name=f"{node.name}/lnfuse_reshape"
+                    ),
                 ]
                 changed = True
             else:

@@ -66,11 +66,16 @@ class NormPass:
             else:
                 candidates.append(item)
         blocked = ctx.emit_ok.get(rule.op)
-        modified = False
+        # Phase 1: check and prove every candidate while the graph is still untouched (a group of
+        # candidates shares nodes; rewriting one first would break the others' proofs).
+        accepted: list[tuple[Candidate, NormParams, MatchRecord]] = []
+        failed_groups: set[int] = set()
         for cand in candidates:
             params = rule.check(mg, cand, allow_transpose=ctx.allow_transpose)
             if isinstance(params, Refusal):
                 ctx.report.refusals.append(_refusal(params, self.name))
+                if cand.group is not None:
+                    failed_groups.add(cand.group)
                 continue
             record = _record(mg, rule, cand, params)
             if blocked is not None:
@@ -80,9 +85,28 @@ class NormPass:
                 why = ctx.prover.prove(mg, rule, cand, params)  # type: ignore[attr-defined]
                 if why is not None:
                     ctx.report.refusals.append(
-                        RefusalRecord(why, record.nodes, cand.nodes[-1].name, cand.view.path, self.name)
+                        RefusalRecord(
+                            why, record.nodes, _node_label(cand.nodes[-1]), cand.view.path, self.name
+                        )
                     )
+                    if cand.group is not None:
+                        failed_groups.add(cand.group)
                     continue
+            accepted.append((cand, params, record))
+        # Phase 2: rewrite (a group all together, or not at all).
+        modified = False
+        for cand, params, record in accepted:
+            if cand.group is not None and cand.group in failed_groups:
+                ctx.report.refusals.append(
+                    RefusalRecord(
+                        "shares its statistics with a norm that was refused",
+                        record.nodes,
+                        _node_label(cand.nodes[-1]),
+                        cand.view.path,
+                        self.name,
+                    )
+                )
+                continue
             rule.rewrite(mg, cand, params)
             ctx.report.matches.append(record)
             if "fp16_overflow_prone" in params.flags:
@@ -94,6 +118,15 @@ class NormPass:
         if modified:
             mg.commit()
         return PassResult(mg, modified)
+
+
+def _node_label(n: object) -> str:
+    """A node's name, or ``Op(first output)`` for unnamed nodes."""
+    name = getattr(n, "name", "")
+    if name:
+        return name
+    outs = getattr(n, "outputs", [])
+    return f"{getattr(n, 'op', '?')}({outs[0].name if outs else ''})"
 
 
 def _refusal(r: Refusal, pass_name: str) -> RefusalRecord:
@@ -112,7 +145,7 @@ def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> M
         graph=cand.view.path,
         output=(cand.final if cand.final is not None else cand.output).name,
         input=rule.input_of(mg, cand, p).name,
-        nodes=tuple(n.name or n.op for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
+        nodes=tuple(_node_label(n) for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
         epsilon=p.epsilon,
         axis=p.axis,
         stash_type=p.stash_type,

@@ -131,15 +131,17 @@ class NormRule:
     # -- pattern ------------------------------------------------------------------
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal]:
         walker = Walker(mg)
-        claimed: set[int] = set()
+        claimed: dict[int, int | None] = {}  # node id -> group of the candidate that took it
         for x, axes, rank, anchor, positive in walker.proposals(self.kind):
             res = walker.walk(x, axes, rank, anchor, positive)
             for cand in res.candidates:
                 if cand.form.kind != self.kind:
                     continue
-                if any(id(n) in claimed for n in cand.nodes):
+                if any(id(n) in claimed and claimed[id(n)] != cand.group for n in cand.nodes) or (
+                    cand.group is None and any(id(n) in claimed for n in cand.nodes)
+                ):
                     continue
-                claimed.update(id(n) for n in cand.nodes)
+                claimed.update((id(n), cand.group) for n in cand.nodes)
                 yield cand
             if self.kind == "ln":
                 yield from res.refusals

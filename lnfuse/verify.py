@@ -142,7 +142,12 @@ class Prover:
 
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
     source = cand.source if cand.source is not None else cand.x
-    exact = "unflattened" in params.flags or params.perm is not None or cand.rank is None
+    exact = (
+        "unflattened" in params.flags
+        or params.perm is not None
+        or cand.rank is None
+        or any(n.op == "Reshape" for n in cand.nodes)  # constant target shapes need the real dims
+    )
     shape = mg.shape(source) if exact else None
     if (
         shape is not None

@@ -159,6 +159,10 @@ class NormRule:
 
         form = cand.form
         x = cand.x
+        if self.kind == "rms" and _is_centred(mg, x):
+            # Real RMS norms (T5, LLaMA) never normalize x - mean: this is a layer-norm
+            # look-alike (or a layer norm refused for a reason of its own); leave it.
+            return refuse(f"input '{x.name}' is x - mean(...): a layer-norm look-alike, not an RMSNorm")
         xdt = mg.dtype(x)
         tdt = mg.dtype(cand.output)
         if xdt not in FLOAT_TYPES:
@@ -535,6 +539,25 @@ def _sandwich(
         if int(np.prod(x0_shape[j:])) == n:  # type: ignore[arg-type]
             return x0, prefix, suffix, back.outputs[0], tuple(range(j - r, 0))
     return "reshaped rows regroup the input's axes (GroupNorm-like), not a layer norm of the input"
+
+
+def _through(mg: ModelGraph, t: gs.Tensor) -> gs.Node | None:
+    """Producer of ``t``, looking through Identity and Cast."""
+    p = mg.producer(t)
+    for _ in range(4):
+        if p is None or p.op not in ("Identity", "Cast") or not p.inputs:
+            break
+        p = mg.producer(p.inputs[0])
+    return p
+
+
+def _is_centred(mg: ModelGraph, t: gs.Tensor) -> bool:
+    """``t`` is ``a - Reduce*(...)``: a centred value."""
+    p = _through(mg, t)
+    if p is None or p.op != "Sub" or len(p.inputs) != 2:
+        return False
+    q = _through(mg, p.inputs[1])
+    return q is not None and q.op in ("ReduceMean", "ReduceSum")
 
 
 def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | None:

@@ -453,21 +453,17 @@ class Walker:
         # Prefer the deepest output whose scale and bias are original constants
         # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
         # Purity is tested from the deepest down, and only as far as needed.
-        first_pure = next(
-            (
-                i
-                for i in range(len(complete) - 1, -1, -1)
-                if self._pure(complete[i][1], values, x, complete[i][0])
-            ),
-            None,
-        )
-        if first_pure is not None:
-            complete = [(t, f) for t, f in complete[:first_pure] if self._pure(f, values, x, t)] + [
-                complete[first_pure]
-            ]
+        deep = list(reversed(complete))
+        first_pure = next((i for i, (t, f) in enumerate(deep) if self._pure(f, values, x, t)), None)
+        seq = deep if first_pure is None else deep[first_pure:]
+        complete = list(reversed(seq))
         last_reason = ""
         last_nodes: list[str] = []
-        for t, form in reversed(complete):
+        for k, (t, form) in enumerate(seq):
+            if k and t.inputs and id(t.inputs[0]) in claimed:
+                continue  # inside a match already taken
+            if k and first_pure is not None and not self._pure(form, values, x, t):
+                continue
             assert form is not None
             cone, consts, why = self._cone(x, t, values)
             if why:

@@ -71,6 +71,13 @@ _FOLDABLE = frozenset(
 )
 
 
+def node_label(n: gs.Node) -> str:
+    """A node's name, or ``Op(first output)`` for the unnamed nodes some exporters write."""
+    if n.name:
+        return n.name
+    return f"{n.op}({n.outputs[0].name if n.outputs else ''})"
+
+
 def tensor_nbytes(t: onnx.TensorProto) -> int:
     """Data size of a tensor from its dims and type, without touching (or copying) its data."""
     try:

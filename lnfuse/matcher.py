@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lnfuse import symbolic as S
-from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph
+from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph, node_label
 
 MAX_EVAL = 64
 ALGEBRA_OPS = frozenset(
@@ -468,7 +468,7 @@ class Walker:
             cone, consts, why = self._cone(x, t, values)
             if why:
                 if not last_reason:
-                    last_reason, last_nodes = why, [n.name for n in cone]
+                    last_reason, last_nodes = why, [node_label(n) for n in cone]
                 continue
             if any(id(n) in claimed for n in cone):
                 continue
@@ -525,12 +525,12 @@ class Walker:
                     break
             if leak:
                 if not last_reason:
-                    last_reason, last_nodes = leak, [n.name for n in cone]
+                    last_reason, last_nodes = leak, [node_label(n) for n in cone]
                 continue
             views = {id(mg.view_of(n)) for n in cone}
             if len(views) != 1:
                 if not last_reason:
-                    last_reason, last_nodes = "match spans a subgraph boundary", [n.name for n in cone]
+                    last_reason, last_nodes = "match spans a subgraph boundary", [node_label(n) for n in cone]
                 continue
             view = mg.view_of(cone[-1])
             assert view is not None
@@ -576,19 +576,19 @@ class Walker:
         if not result.candidates and looks_like_ln:
             # It computed a variance-like statistic but never became a normalization.
             if not last_reason:
-                tail = [f"{n.op} '{n.name}': {why}" for n, why in failures[:3]]
+                tail = [f"{node_label(n)}: {why}" for n, why in failures[:3]]
                 last_reason = (
                     "; ".join(tail)
                     if tail
                     else "the statistics never combine into (x - mean) / sqrt(var + eps) * gamma + beta"
                 )
-                last_nodes = [n.name for n, _ in failures[:3]]
+                last_nodes = [node_label(n) for n, _ in failures[:3]]
             view = mg.view_of(anchor)
             result.refusals.append(
                 Refusal(
                     reason=last_reason,
                     nodes=last_nodes,
-                    anchor=anchor.name,
+                    anchor=node_label(anchor),
                     graph=view.path if view else "main",
                 )
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from lnfuse.graph import ModelGraph
+from lnfuse.graph import ModelGraph, node_label
 from lnfuse.matcher import Candidate, Refusal
 from lnfuse.report import MatchRecord, RefusalRecord, Report
 from lnfuse.rules import NormParams, NormRule
@@ -86,7 +86,7 @@ class NormPass:
                 if why is not None:
                     ctx.report.refusals.append(
                         RefusalRecord(
-                            why, record.nodes, _node_label(cand.nodes[-1]), cand.view.path, self.name
+                            why, record.nodes, node_label(cand.nodes[-1]), cand.view.path, self.name
                         )
                     )
                     if cand.group is not None:
@@ -101,7 +101,7 @@ class NormPass:
                     RefusalRecord(
                         "shares its statistics with a norm that was refused",
                         record.nodes,
-                        _node_label(cand.nodes[-1]),
+                        node_label(cand.nodes[-1]),
                         cand.view.path,
                         self.name,
                     )
@@ -120,15 +120,6 @@ class NormPass:
         return PassResult(mg, modified)
 
 
-def _node_label(n: object) -> str:
-    """A node's name, or ``Op(first output)`` for unnamed nodes."""
-    name = getattr(n, "name", "")
-    if name:
-        return name
-    outs = getattr(n, "outputs", [])
-    return f"{getattr(n, 'op', '?')}({outs[0].name if outs else ''})"
-
-
 def _refusal(r: Refusal, pass_name: str) -> RefusalRecord:
     return RefusalRecord(r.reason, tuple(r.nodes), r.anchor, r.graph, pass_name)
 
@@ -145,7 +136,7 @@ def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> M
         graph=cand.view.path,
         output=(cand.final if cand.final is not None else cand.output).name,
         input=rule.input_of(mg, cand, p).name,
-        nodes=tuple(_node_label(n) for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
+        nodes=tuple(node_label(n) for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
         epsilon=p.epsilon,
         axis=p.axis,
         stash_type=p.stash_type,

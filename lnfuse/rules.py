@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lnfuse.graph import FLOAT_TYPES, ModelGraph, np_dtype
+from lnfuse.graph import FLOAT_TYPES, ModelGraph, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
 
 TP = onnx.TensorProto
@@ -152,8 +152,8 @@ class NormRule:
             view = cand.view
             return Refusal(
                 reason=reason,
-                nodes=[n.name or n.op for n in cand.nodes],
-                anchor=cand.nodes[-1].name or cand.nodes[-1].op,
+                nodes=[node_label(n) for n in cand.nodes],
+                anchor=node_label(cand.nodes[-1]),
                 graph=view.path,
             )
 

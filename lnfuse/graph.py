@@ -149,6 +149,8 @@ class ModelGraph:
         self._node_view: dict[int, GraphView] = {}
         self._const_cache: dict[int, np.ndarray | None] = {}
         self._dtype_cache: dict[int, int] = {}
+        inits = {t.name for t in model.graph.initializer}
+        self._overridable = {i.name for i in model.graph.input if i.name in inits}
         self._shape_table: dict[str, tuple[int, tuple[Dim, ...] | None]] | None = None
         self._names: set[str] | None = None
         self._counter = 0
@@ -205,6 +207,11 @@ class ModelGraph:
         if key in self._const_cache:
             return self._const_cache[key]
         value: np.ndarray | None = None
+        if isinstance(tensor, gs.Constant) and tensor.name in self._overridable:
+            # An initializer that is also a graph input is only a default the caller may
+            # override at run time (IR >= 4): not a constant.
+            self._const_cache[key] = None
+            return None
         if isinstance(tensor, gs.Constant):
             from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -249,9 +256,10 @@ class ModelGraph:
                 picked = np.asarray(shape, dtype=object)[idx.astype(np.int64)]
             except (IndexError, ValueError):
                 return None
-            if not all(isinstance(d, int) for d in np.asarray(picked).reshape(-1)):
+            flat = list(np.asarray(picked, dtype=object).reshape(-1))
+            if not all(isinstance(d, (int, np.integer)) for d in flat):
                 return None
-            return np.asarray(picked, dtype=np.int64)
+            return np.asarray(np.asarray(picked, dtype=object).astype(np.int64))
         if op in ("Add", "Sub", "Mul", "Div"):
             if len(node.inputs) != 2:
                 return None
@@ -524,6 +532,10 @@ class ModelGraph:
             else:
                 setattr(out, fd.name, value)
         out.graph.doc_string = graph_doc
+        # Graph inputs are the model's interface: keep them exactly (onnx-graphsurgeon drops
+        # initializers that double as inputs, i.e. overridable defaults, from the input list).
+        del out.graph.input[:]
+        out.graph.input.extend(self.model.graph.input)
         return out
 
 

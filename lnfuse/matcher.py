@@ -368,6 +368,9 @@ class Walker:
             if not ok:
                 return None, f"{op} axes are not constant"
             squeezed = int(node.attrs.get("keepdims", 1)) != 1
+            if SQUEEZED in ins[0].flags:
+                # Its axes now index a tensor of lower rank: not the normalized axes any more.
+                return None, f"{op} of a keepdims=0 statistic reduces other axes"
             naxes = normalize_axes(raw_axes, rank)
             if naxes is None and rank is None:
                 shape = self.mg.shape(node.inputs[0])

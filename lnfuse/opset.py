@@ -34,7 +34,7 @@ import onnx
 from onnx import defs, helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-_NEVER = frozenset({"RoiAlign", "Upsample"})
+_NEVER = frozenset({"RoiAlign", "Upsample", "GroupNormalization"})
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -156,7 +156,7 @@ def _move_ints_attr_to_input(name: str, position: int) -> Converter:
         values = list(attr.ints)
         node.attribute.remove(attr)
         ctx.counter += 1
-        tname = f"{node.output[0]}__lnfuse_{name}"
+        tname = f"{node.output[0]}__lnfuse_{name}_{ctx.counter}"  # If branches may reuse output names
         ctx.new_constants.append(helper.make_tensor(tname, onnx.TensorProto.INT64, [len(values)], values))
         while len(node.input) < position:
             node.input.append("")
@@ -177,7 +177,17 @@ def _drop_attr(name: str) -> Converter:
     return convert
 
 
+def _rename_gridsample_mode(node: onnx.NodeProto, ctx: _Ctx) -> None:
+    attr = _attr(node, "mode")
+    renamed = {b"bilinear": b"linear", b"bicubic": b"cubic"}
+    if attr is None:
+        node.attribute.append(helper.make_attribute("mode", "linear"))  # the old default was bilinear
+    elif attr.s in renamed:
+        attr.s = renamed[attr.s]
+
+
 _CONVERT_AT: dict[str, tuple[int, Converter]] = {
+    "GridSample": (20, _rename_gridsample_mode),
     "ReduceSum": (13, _move_ints_attr_to_input("axes", 1)),
     "Squeeze": (13, _move_ints_attr_to_input("axes", 1)),
     "Unsqueeze": (13, _move_ints_attr_to_input("axes", 1)),

@@ -73,9 +73,12 @@ class Prover:
         names[id(inp)] = x_in
         nodes = [*cand.prefix, *cand.nodes, *cand.suffix]
 
+        inside = {id(n) for n in nodes}
+
         def tensor(t: gs.Tensor) -> gs.Tensor:
             if id(t) not in names:
-                val = mg.const_value(t)
+                made_here = bool(t.inputs) and id(t.inputs[0]) in inside
+                val = None if made_here else mg.const_value(t)
                 if val is not None and t is not cand.x:
                     names[id(t)] = gs.Constant(f"c{len(names)}", np.array(val))
                 else:

@@ -18,7 +18,6 @@ with thousands of identical blocks runs one proof per distinct block.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -44,7 +43,7 @@ class Prover:
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
-        self.cache: dict[str, str | None] = {}
+        self.cache: dict[tuple, str | None] = {}
         self.proofs_run = 0
 
     def prove(self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> str | None:
@@ -185,45 +184,41 @@ def _session(graph: gs.Graph):  # type: ignore[no-untyped-def]
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> str:
-    h = hashlib.sha256()
+def _attrs_key(n: gs.Node) -> tuple:
+    return tuple(
+        sorted((k, v if isinstance(v, (int, float, str, bytes)) else repr(v)) for k, v in n.attrs.items())
+    )
+
+
+def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> tuple:
+    """Structure of the match and the fused parameters (not the values of large constants)."""
     index = {id(n): i for i, n in enumerate(cand.nodes)}
-    h.update(
-        repr((params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape)).encode()
-    )
-    h.update(
-        repr(
-            (
-                params.dtype,
-                params.read_source,
-                params.out_cast,
-                params.pre_cast,
-                params.perm,
-                sorted(params.flags),
-            )
-        ).encode()
-    )
-    h.update(
-        repr(
-            [(n.op, sorted((k, repr(v)) for k, v in n.attrs.items())) for n in (*cand.prefix, *cand.suffix)]
-        ).encode()
-    )
-    h.update(repr((mg.dtype(cand.x), mg.dtype(cand.output), cand.axes)).encode())
-    h.update(repr((params.scale.shape, params.bias is None)).encode())
+    parts: list[object] = [
+        (params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape),
+        (
+            params.dtype,
+            params.read_source,
+            params.out_cast,
+            params.pre_cast,
+            params.perm,
+            tuple(sorted(params.flags)),
+        ),
+        tuple((n.op, _attrs_key(n)) for n in (*cand.prefix, *cand.suffix)),
+        (mg.dtype(cand.x), mg.dtype(cand.output), cand.axes, params.scale.shape, params.bias is None),
+    ]
     for n in cand.nodes:
-        h.update(repr((n.op, n.domain, sorted((k, repr(v)) for k, v in n.attrs.items()))).encode())
+        parts.append((n.op, n.domain, _attrs_key(n)))
         for t in n.inputs:
             p = t.inputs[0] if t.inputs else None
             if t is cand.x:
-                h.update(b"X")
+                parts.append("X")
             elif p is not None and id(p) in index:
-                h.update(repr(("n", index[id(p)], p.outputs.index(t) if t in p.outputs else 0)).encode())
+                parts.append(("n", index[id(p)], p.outputs.index(t) if t in p.outputs else 0))
             else:
                 val = mg.const_value(t)
                 if val is None:
-                    h.update(b"?")
+                    parts.append("?")
                 else:
-                    h.update(repr(("c", str(val.dtype), val.shape)).encode())
-                    if val.size <= 16:
-                        h.update(np.ascontiguousarray(val).tobytes())
-    return h.hexdigest()
+                    small = np.ascontiguousarray(val).tobytes() if val.size <= 16 else b""
+                    parts.append(("c", val.dtype.str, val.shape, small))
+    return tuple(parts)

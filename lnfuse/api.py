@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -21,6 +22,7 @@ from lnfuse import opset as opset_mod
 from lnfuse.errors import InputError
 from lnfuse.graph import ModelGraph, tensor_nbytes
 from lnfuse.pipeline import PassContext
+from lnfuse.protos import iter_nodes
 from lnfuse.report import Group, Report
 
 MIN_SUPPORTED_OPSET = 7
@@ -285,17 +287,8 @@ def _light_check(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _all_nodes(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        for n in g.node:
-            yield n
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    stack.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(a.graphs)
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    return iter_nodes(graph)
 
 
 def _groups(report: Report) -> list[Group]:

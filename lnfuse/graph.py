@@ -31,6 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from lnfuse.protos import iter_graphs
+
 Dim = int | str | None
 
 _ELEMENTWISE_SAME_TYPE = frozenset(
@@ -504,19 +506,11 @@ class ModelGraph:
             for t, vals in swapped:
                 t._values = vals
         if originals:
-            stack = [out.graph]
-            while stack:
-                g = stack.pop()
+            for g in iter_graphs(out.graph):
                 for init in g.initializer:
                     src = originals.get(init.name)
                     if src is not None and init.ByteSize() < 4096:
                         init.CopyFrom(src)
-                for node in g.node:
-                    for attr in node.attribute:
-                        if attr.type == onnx.AttributeProto.GRAPH:
-                            stack.append(attr.g)
-                        elif attr.type == onnx.AttributeProto.GRAPHS:
-                            stack.extend(attr.graphs)
         graph_doc = self.model.graph.doc_string
         for fd in out.DESCRIPTOR.fields:
             if fd.name == "graph":
@@ -616,21 +610,13 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[Dim, ...
             inferred = model
     except Exception:
         inferred = model
-    stack = [inferred.graph]
-    while stack:
-        g = stack.pop()
+    for g in iter_graphs(inferred.graph):
         for vi in list(g.value_info) + list(g.input) + list(g.output):
             entry = _value_info_entry(vi)
             if entry is not None:
                 table.setdefault(vi.name, entry)
         for init in g.initializer:
             table.setdefault(init.name, (init.data_type, tuple(int(d) for d in init.dims)))
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
     return table
 
 

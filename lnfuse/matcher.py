@@ -95,6 +95,38 @@ class WalkResult:
     refusals: list[Refusal] = field(default_factory=list)
 
 
+def _candidate(
+    view: GraphView,
+    x: gs.Tensor,
+    axes: tuple[int, ...],
+    rank: int | None,
+    t: gs.Tensor,
+    cone: list[gs.Node],
+    form: S.NormForm,
+    values: dict[int, S.Sym],
+    consts: list[gs.Tensor],
+    extra_flag: str | None = None,
+) -> Candidate:
+    """A candidate whose flags gather those of its E atom and of every value in its match."""
+    flags: set[str] = set(form.edef.flags)
+    if extra_flag:
+        flags.add(extra_flag)
+    for n in cone:
+        flags |= values[id(n.outputs[0])].flags
+    return Candidate(
+        view=view,
+        x=x,
+        axes=axes,
+        rank=rank,
+        output=t,
+        nodes=cone,
+        form=form,
+        values=values,
+        const_inputs=consts,
+        flags=frozenset(flags),
+    )
+
+
 def reduce_axes(mg: ModelGraph, node: gs.Node) -> tuple[list[int] | None, bool]:
     """``(axes, ok)`` of a Reduce node: attribute (opset < 18) or constant input; None axes = all."""
     if len(node.inputs) > 1 and node.inputs[1].name:
@@ -537,26 +569,11 @@ class Walker:
                 continue
             view = mg.view_of(cone[-1])
             assert view is not None
-            flags: set[str] = set(form.edef.flags)
-            for n in cone:
-                flags |= values[id(n.outputs[0])].flags
             claimed |= cone_ids | {id(n) for n in side_nodes}
-            result.candidates.append(
-                Candidate(
-                    view=view,
-                    x=x,
-                    axes=axes,
-                    rank=rank,
-                    output=t,
-                    nodes=cone,
-                    form=form,
-                    values=values,
-                    const_inputs=consts,
-                    flags=frozenset(flags),
-                    side_outputs=[v for v in side.values()],
-                    side_nodes=side_nodes,
-                )
-            )
+            cand = _candidate(view, x, axes, rank, t, cone, form, values, consts)
+            cand.side_outputs = list(side.values())
+            cand.side_nodes = side_nodes
+            result.candidates.append(cand)
         if not result.candidates and len(complete) >= 2:
             # Exporters (CSE) share the mean, the centred value and the variance between two
             # norms of one input; together the two matches close even though neither does alone.
@@ -637,24 +654,11 @@ class Walker:
         group_id = id(picked[0][0])
         cands = []
         for t, form, cone, consts in picked:
-            flags: set[str] = set(form.edef.flags) | {"shared_statistics"}
-            for n in cone:
-                flags |= values[id(n.outputs[0])].flags
-            cands.append(
-                Candidate(
-                    view=view,
-                    x=x,
-                    axes=axes,
-                    rank=rank,
-                    output=t,
-                    nodes=cone,
-                    form=form,
-                    values=values,
-                    const_inputs=consts,
-                    flags=frozenset(flags),
-                    group=group_id,
-                )
+            cand = _candidate(
+                view, x, axes, rank, t, cone, form, values, consts, extra_flag="shared_statistics"
             )
+            cand.group = group_id
+            cands.append(cand)
         return cands
 
     @staticmethod

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 import onnx
 from onnx import defs, helper
 
+from lnfuse.protos import iter_graphs, iter_nodes
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _NEVER = frozenset({"RoiAlign", "Upsample", "GroupNormalization"})
 
@@ -55,19 +57,6 @@ def min_ir_version(opset: int) -> int:
         if op >= opset and (best is None or ir < best):
             best = ir
     return int(best) if best is not None else int(onnx.IR_VERSION)
-
-
-def _iter_graph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            yield node
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
 
 
 def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
@@ -112,17 +101,10 @@ def _expand_softmax(graph: onnx.GraphProto, outputs: set[str]) -> None:
     """Replace each opset<13 ``Softmax(x, axis=a)`` whose output is in ``outputs`` by
     ``Reshape(Softmax(Flatten(x, a), axis=-1), Shape(x))``: the old definition, spelled in ops
     whose meaning does not change (exact for any rank)."""
-    stack = [graph]
-    while stack:
-        g = stack.pop()
+    for g in list(iter_graphs(graph)):
         new_nodes: list[onnx.NodeProto] = []
         changed = False
         for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
             if (
                 node.op_type in _SOFTMAX_FAMILY
                 and node.domain in DEFAULT_DOMAINS
@@ -277,12 +259,12 @@ def _upgrade(
         return f"opset {target} is newer than this onnx package supports ({max_supported_opset()})"
     needs_ranks = any(
         n.op_type in ("Softmax", "LogSoftmax", "Hardmax") and (n.domain in DEFAULT_DOMAINS)
-        for n in _iter_graph_nodes(model.graph)
+        for n in iter_nodes(model.graph)
     )
     ctx = _Ctx([], _ranks(model) if needs_ranks and old < 13 else {})
     # Main graph (with subgraphs), then each model-local function with its own default opset.
     units: list[tuple[Iterator[onnx.NodeProto], int, list[onnx.TensorProto] | None, str]] = [
-        (_iter_graph_nodes(model.graph), old, None, "graph")
+        (iter_nodes(model.graph), old, None, "graph")
     ]
     for fn in model.functions:
         fold = next((int(i.version) for i in fn.opset_import if i.domain in DEFAULT_DOMAINS), None)

@@ -356,7 +356,7 @@ class NormRule:
             flatten = cand.prefix[0] if cand.prefix and cand.prefix[0].op == "Flatten" else None
             if "unflattened" not in flags or flatten is None:
                 return refuse(f"intermediate '{t0.name}' (the {kind0}) is read outside the match")
-            stash_dt = TP.DOUBLE if dtype == TP.DOUBLE else TP.FLOAT
+            stash_dt = TP.DOUBLE if (dtype == TP.DOUBLE and xdt == TP.DOUBLE) else TP.FLOAT
             for kind, t in cand.side_outputs:
                 if mg.dtype(t) != stash_dt:
                     return refuse(
@@ -370,7 +370,9 @@ class NormRule:
             op=self.op,
             epsilon=float(np.float32(eps)),
             axis=axis,
-            stash_type=11 if dtype == TP.DOUBLE else 1,
+            # Statistics in the precision the original computed them in: float64 only when x
+            # itself was float64 (an fp64 model's stash Cast to float keeps stash_type=1).
+            stash_type=11 if (dtype == TP.DOUBLE and xdt == TP.DOUBLE) else 1,
             normalized_shape=normalized_shape,
             scale=scale,
             bias=bias,

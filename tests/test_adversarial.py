@@ -238,3 +238,12 @@ def test_axes_conversion_inside_if_branches_with_shared_output_names() -> None:
         feeds = {"x": x, "z": z, "c": np.array(c)}
         for a, b in zip(_sess(m).run(None, feeds), _sess(r.model).run(None, feeds), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_function_expansion_keeps_its_float32_statistics() -> None:
+    m = _expanded(["b", "s", 8], TP.DOUBLE)
+    r = lnfuse.optimize(m)
+    (ln,) = [n for n in r.model.graph.node if n.op_type == "LayerNormalization"]
+    assert next(a.i for a in ln.attribute if a.name == "stash_type") == 1
+    x = {"x": np.random.default_rng(3).normal(0.5, 1, (2, 3, 8))}
+    np.testing.assert_allclose(_sess(m).run(None, x)[0], _sess(r.model).run(None, x)[0], rtol=1e-5, atol=1e-5)

@@ -706,7 +706,7 @@ class Walker:
                 return True
             same = [arr for arr in arrays if arr.shape == coef.shape]
             for arr in same:
-                if np.array_equal(arr, coef) or np.array_equal(-arr, coef):
+                if (arr == coef).all() or (arr == -coef).all():
                     return True
             if not scaled:
                 return False

@@ -46,7 +46,7 @@ Coef = float | np.ndarray  # a Python float for scalar coefficients (fast), else
 
 
 def _nonzero(c: Coef) -> bool:
-    return c != 0.0 if isinstance(c, float) else bool(np.any(c))
+    return c != 0.0 if isinstance(c, float) else bool(c.any())
 
 
 def _coef(arr: np.ndarray) -> Coef:
@@ -193,7 +193,7 @@ def scalar_of(coef: Coef) -> float | None:
     if arr.size == 0:
         return None
     first = float(arr.reshape(-1)[0])
-    if arr.size > 1 and not np.all(arr == first):
+    if arr.size > 1 and not (arr == first).all():
         return None
     return first
 

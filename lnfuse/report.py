@@ -64,6 +64,7 @@ class Report:
     found_not_rewritten: list[MatchRecord] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
     hoisted: list[str] = field(default_factory=list)
+    hoist_refusals: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
     proofs_run: int = 0
@@ -134,6 +135,8 @@ class Report:
                 lines.append(
                     f"  ~ {m.op} [{m.pattern}] {m.graph}: {m.output} found, not rewritten (nodes={','.join(m.nodes)})"
                 )
+            for h in self.hoist_refusals:
+                lines.append(f"  - {h}")
             for r in self.refusals:
                 lines.append(
                     f"  - refused at {r.graph}:{r.anchor}: {r.reason}"

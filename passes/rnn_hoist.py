@@ -126,6 +126,12 @@ class RnnHoistPass:
             for members in groups.values():
                 plan = _plan(mg, view, members, digests)
                 if isinstance(plan, str):
+                    if len(members) > 1:  # a single sliced MatMul is not a recurrence: say nothing
+                        w = members[0].mm.inputs[1].name
+                        where = "" if view.path == "main" else f" in {view.path}"
+                        ctx.report.hoist_refusals.append(
+                            f"input-side LN of W '{w}' over {len(members)} steps{where} not hoisted: {plan}"
+                        )
                     continue
                 ctx.report.hoisted.append(_rewrite(mg, plan))
                 modified = True

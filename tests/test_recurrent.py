@@ -650,3 +650,11 @@ def test_bench_rnn_model_is_hoisted() -> None:
     assert ln_instances(models["hoisted"]) == 15
     assert_same(model, models["fused"], seed=23)
     assert_same(model, models["hoisted"], seed=23)
+
+
+def test_hoist_refusal_is_explained() -> None:
+    # One eps differs in one step: the steps are not one shared LN, and --explain says so.
+    res = lnfuse.optimize(build_rnn(6, eps_per_step={3: 1e-3}))
+    assert res.report.hoisted == []
+    assert any("not hoisted" in h and "differ" in h for h in res.report.hoist_refusals)
+    assert "not hoisted" in res.report.render_text(explain=True)

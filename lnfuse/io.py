@@ -381,6 +381,7 @@ def load_model(path: PathLike, *, load_external_data: bool = True) -> ModelProto
     """
     p = Path(os.fspath(path))
     model = _read_proto(p)
+    _remember_locations(p, model)
     shown = str(p)
     base_dir = p.parent if str(p.parent) else Path(".")
     if load_external_data:
@@ -403,6 +404,42 @@ def load(model_or_path: ModelProto | PathLike) -> tuple[ModelProto, Path | None]
     return load_model(p), p
 
 
+# External-data locations of model files parsed by load_model, keyed by the file's identity, so
+# has_external_data / resolve_output_path need not parse a big model file a second time.
+_LOCATIONS: dict[tuple[str, int, int], list[str]] = {}
+
+
+def _file_key(p: Path) -> tuple[str, int, int] | None:
+    try:
+        st = p.stat()
+        return (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def _locations(model: ModelProto) -> list[str]:
+    found: dict[str, None] = {}
+    for tensor in _all_tensors(model):
+        if _is_external(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value:
+                    found[entry.value] = None
+    return list(found)
+
+
+def _remember_locations(p: Path, model: ModelProto) -> None:
+    key = _file_key(p)
+    if key is not None:
+        if len(_LOCATIONS) > 64:
+            _LOCATIONS.clear()
+        _LOCATIONS[key] = _locations(model)
+
+
+def _known_locations(p: Path) -> list[str] | None:
+    key = _file_key(p)
+    return None if key is None else _LOCATIONS.get(key)
+
+
 def has_external_data(path_or_model: ModelProto | PathLike) -> bool:
     """Whether the model stores any tensor as external data.
 
@@ -413,7 +450,11 @@ def has_external_data(path_or_model: ModelProto | PathLike) -> bool:
     if isinstance(path_or_model, ModelProto):
         model = path_or_model
     else:
-        model = _read_proto(Path(os.fspath(path_or_model)))
+        p = Path(os.fspath(path_or_model))
+        known = _known_locations(p)
+        if known is not None:
+            return bool(known)
+        model = _read_proto(p)
     return any(_is_external(t) for t in _all_tensors(model))
 
 
@@ -630,19 +671,15 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _input_data_files(inp: Path) -> list[Path]:
     """The external data files of the input model (best effort, small model files only)."""
-    try:
-        if not inp.is_file() or inp.stat().st_size > _SCAN_INPUT_BYTES:
+    known = _known_locations(inp)
+    if known is None:
+        try:
+            if not inp.is_file() or inp.stat().st_size > _SCAN_INPUT_BYTES:
+                return []
+            known = _locations(_read_proto(inp))
+        except (InputError, OSError):
             return []
-        model = _read_proto(inp)
-    except (InputError, OSError):
-        return []
-    files: dict[str, Path] = {}
-    for tensor in _all_tensors(model):
-        if _is_external(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location" and entry.value and entry.value not in files:
-                    files[entry.value] = inp.parent / entry.value
-    return list(files.values())
+    return [inp.parent / loc for loc in known]
 
 
 def _check_writable_dir(directory: Path, out: Path) -> None:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
 
 from lnfuse import opset as opset_mod
 from lnfuse.errors import InputError
-from lnfuse.graph import ModelGraph, tensor_nbytes
+from lnfuse.graph import ModelGraph
 from lnfuse.pipeline import PassContext
-from lnfuse.protos import iter_nodes
+from lnfuse.protos import INFER_LIMIT, iter_nodes, model_nbytes, tensor_nbytes
 from lnfuse.report import Group, Report
 
 MIN_SUPPORTED_OPSET = 7
@@ -207,7 +206,7 @@ def _optimize(
             report.matches.clear()
             report.opset_after = old
             return OptimizeResult(model=proto, report=report, changed=False)
-    report.nodes_after = sum(1 for _ in _all_nodes(out.graph))
+    report.nodes_after = sum(1 for _ in iter_nodes(out.graph))
     report.changed = True
     report.timings.update(
         load=t_load - t0,
@@ -217,17 +216,6 @@ def _optimize(
         check=time.perf_counter() - t_export,
     )
     return OptimizeResult(model=out, report=report, changed=True)
-
-
-def _model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size, summed per initializer (sizing a > 2 GB message fails, and may copy it)."""
-    inits = sum(tensor_nbytes(t) for t in model.graph.initializer)
-    if inits > 1_000_000_000:
-        return inits
-    try:
-        return model.ByteSize()
-    except Exception:
-        return 1 << 62
 
 
 def _without_big_weights(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:
@@ -270,14 +258,14 @@ def _full_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker.check_model(full_check=True)``; big models are checked without their weights."""
     from lnfuse import io as lio
 
-    if _model_bytes(model) < 1_800_000_000:
+    if model_nbytes(model) < INFER_LIMIT:
         return lio.checker_problem(model)
     return lio.checker_problem(_without_big_weights(model))
 
 
 def _light_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker`` without the full shape-inference pass (cheap on big models)."""
-    if _model_bytes(model) >= 1_800_000_000:
+    if model_nbytes(model) >= INFER_LIMIT:
         model = _without_big_weights(model)
     try:
         onnx.checker.check_model(model, full_check=False)
@@ -285,10 +273,6 @@ def _light_check(model: onnx.ModelProto) -> str | None:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         return lines[0][:300] if lines else type(err).__name__
     return None
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    return iter_nodes(graph)
 
 
 def _groups(report: Report) -> list[Group]:

@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from lnfuse.protos import iter_graphs
+from lnfuse.protos import inferred_or_same, iter_graphs, tensor_nbytes
 
 Dim = int | str | None
 
@@ -78,18 +78,6 @@ def node_label(n: gs.Node) -> str:
     if n.name:
         return n.name
     return f"{n.op}({n.outputs[0].name if n.outputs else ''})"
-
-
-def tensor_nbytes(t: onnx.TensorProto) -> int:
-    """Data size of a tensor from its dims and type, without touching (or copying) its data."""
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:
-        return t.ByteSize()
-    n = 1
-    for d in t.dims:
-        n *= int(d)
-    return n * itemsize
 
 
 def onnx_dtype(np_or_onnx: object) -> int | None:
@@ -603,13 +591,7 @@ def _value_info_entry(vi: onnx.ValueInfoProto) -> tuple[int, tuple[Dim, ...] | N
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
     table: dict[str, tuple[int, tuple[Dim, ...] | None]] = {}
-    try:
-        if model.ByteSize() < 1_800_000_000:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        else:
-            inferred = model
-    except Exception:
-        inferred = model
+    inferred = inferred_or_same(model)
     for g in iter_graphs(inferred.graph):
         for vi in list(g.value_info) + list(g.input) + list(g.output):
             entry = _value_info_entry(vi)

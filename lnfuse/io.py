@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError, EncodeError, Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 
 from lnfuse.errors import InputError
+from lnfuse.protos import model_nbytes
 
 __all__ = [
     "checker_problem",
@@ -624,10 +625,7 @@ def checker_problem(model: ModelProto) -> str | None:
     Models too large to serialize in one protobuf (about 2 GB) are checked through a
     temporary copy saved with external data.
     """
-    try:
-        size = model.ByteSize()
-    except Exception:
-        size = _PROTOBUF_LIMIT + 1
+    size = model_nbytes(model)
     try:
         if size < _AUTO_EXTERNAL_BYTES:
             onnx.checker.check_model(model, full_check=True)
@@ -787,13 +785,6 @@ def _tensor_bytes(tensor: TensorProto) -> bytes | None:
     if not any(len(getattr(tensor, field)) for field in _TYPED_FIELDS):
         return None
     return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
-
-
-def _estimated_size(model: ModelProto) -> int:
-    try:
-        return model.ByteSize()
-    except Exception:
-        return _PROTOBUF_LIMIT + 1
 
 
 def _serialize(model: ModelProto, out: Path) -> bytes:
@@ -982,7 +973,7 @@ def save_model(
                 "that was not loaded; load the model with its external data first"
             )
     if external_data is None:
-        external_data = _estimated_size(model) > _AUTO_EXTERNAL_BYTES
+        external_data = model_nbytes(model) > _AUTO_EXTERNAL_BYTES
 
     temps: list[str] = []
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import onnx
 from onnx import defs, helper
 
-from lnfuse.protos import iter_graphs, iter_nodes
+from lnfuse.protos import inferred_or_same, iter_graphs, iter_nodes
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _NEVER = frozenset({"RoiAlign", "Upsample", "GroupNormalization"})
@@ -95,6 +95,8 @@ class _Ctx:
 
 
 _SOFTMAX_FAMILY = ("Softmax", "LogSoftmax", "Hardmax")
+# Ops whose change is judged by _condition (not by their signature).
+_CONDITIONAL = (*_SOFTMAX_FAMILY, "BatchNormalization", "Resize")
 
 
 def _expand_softmax(graph: onnx.GraphProto, outputs: set[str]) -> None:
@@ -193,7 +195,7 @@ for _op in (
 def _condition(node: onnx.NodeProto, old: int, ctx: _Ctx) -> str | None:
     """None if this op's change between versions does not affect ``node``, else why it does."""
     op = node.op_type
-    if op in ("Softmax", "LogSoftmax", "Hardmax") and old < 13:
+    if op in _SOFTMAX_FAMILY and old < 13:
         attr = _attr(node, "axis")
         axis = int(attr.i) if attr is not None else 1
         if axis == -1:
@@ -233,14 +235,7 @@ def raise_opset(model: onnx.ModelProto, target: int, new_ops: frozenset[str] = f
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     ranks: dict[str, int] = {}
-    try:
-        inferred = (
-            onnx.shape_inference.infer_shapes(model, strict_mode=False)
-            if model.ByteSize() < 1_800_000_000
-            else model
-        )
-    except Exception:
-        inferred = model
+    inferred = inferred_or_same(model)
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
@@ -258,19 +253,16 @@ def _upgrade(
     if target > max_supported_opset():
         return f"opset {target} is newer than this onnx package supports ({max_supported_opset()})"
     needs_ranks = any(
-        n.op_type in ("Softmax", "LogSoftmax", "Hardmax") and (n.domain in DEFAULT_DOMAINS)
-        for n in iter_nodes(model.graph)
+        n.op_type in _SOFTMAX_FAMILY and (n.domain in DEFAULT_DOMAINS) for n in iter_nodes(model.graph)
     )
     ctx = _Ctx([], _ranks(model) if needs_ranks and old < 13 else {})
     # Main graph (with subgraphs), then each model-local function with its own default opset.
-    units: list[tuple[Iterator[onnx.NodeProto], int, list[onnx.TensorProto] | None, str]] = [
-        (iter_nodes(model.graph), old, None, "graph")
-    ]
+    units: list[tuple[Iterator[onnx.NodeProto], int, str]] = [(iter_nodes(model.graph), old, "graph")]
     for fn in model.functions:
         fold = next((int(i.version) for i in fn.opset_import if i.domain in DEFAULT_DOMAINS), None)
         if fold is not None and fold < target:
-            units.append((iter(fn.node), fold, None, f"function {fn.name}"))
-    for nodes, from_v, _inits, where in units:
+            units.append((iter(fn.node), fold, f"function {fn.name}"))
+    for nodes, from_v, where in units:
         for node in nodes:
             if node.domain not in DEFAULT_DOMAINS:
                 continue
@@ -304,13 +296,7 @@ def _upgrade(
                 continue
             if cond is not None:
                 return cond
-            if not _structurally_compatible(op, a, b) and op not in (
-                "Softmax",
-                "LogSoftmax",
-                "Hardmax",
-                "BatchNormalization",
-                "Resize",
-            ):
+            if not _structurally_compatible(op, a, b) and op not in _CONDITIONAL:
                 return f"{op} changed its signature between opset {from_v} and {target} (schema {a} -> {b})"
     if apply:
         for imp in model.opset_import:

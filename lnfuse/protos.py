@@ -1,10 +1,16 @@
-"""Walking ONNX protos: every graph of a model (bodies of Loop / Scan / If included) and their nodes."""
+"""Helpers over ONNX protos: walking every graph and node (bodies of Loop / Scan / If included),
+sizes that never serialize (or copy) a multi-GB model, and shape inference guarded for size."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
+from onnx import helper
+
+# Shape inference serializes the model; beyond this size it is skipped (protobuf's 2 GB limit).
+INFER_LIMIT = 1_800_000_000
 
 
 def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -32,3 +38,36 @@ def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node of ``graph`` and of the graphs nested in it."""
     for g in iter_graphs(graph):
         yield from g.node
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Data size of a tensor from its dims and type, without touching (or copying) its data."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return t.ByteSize()
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * itemsize
+
+
+def model_nbytes(model: onnx.ModelProto) -> int:
+    """Serialized size; summed per initializer for big models (sizing a > 2 GB message fails or copies it)."""
+    inits = sum(tensor_nbytes(t) for t in model.graph.initializer)
+    if inits > 1_000_000_000:
+        return inits
+    try:
+        return model.ByteSize()
+    except Exception:
+        return 1 << 62
+
+
+def inferred_or_same(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` after ONNX shape inference, or ``model`` itself when too big or inference fails."""
+    if model_nbytes(model) >= INFER_LIMIT:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        return model

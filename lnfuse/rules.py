@@ -58,15 +58,16 @@ class NormParams:
     bias_source: str | None = None
 
 
-def pattern_label(cand: Candidate, mg: ModelGraph) -> str:
-    """A short human name for the way this normalization was written."""
+def pattern_label(cand: Candidate, mg: ModelGraph, flags: set[str] | frozenset[str]) -> str:
+    """A short human name for the way this normalization was written (``flags`` as decided by check)."""
     ops = [n.op for n in cand.nodes]
-    flags = cand.flags
+    if "unflattened" in flags:
+        return "function-expanded" if "one_pass" in flags else "reshaped"
     if cand.form.kind == "rms":
         base = "rmsnorm"
     elif "one_pass" in flags:
         base = "one-pass-variance"
-    elif (cand.form.edef.k != 1.0 and "reduce_sum" in flags) or abs(cand.form.edef.k - 1.0) > 1e-6:
+    elif "unbiased" in flags:
         base = "unbiased-variance"
     elif any(n.op == "Mul" and cand.x in n.inputs for n in cand.nodes):
         base = "keras"
@@ -382,9 +383,7 @@ class NormRule:
             pre_cast=pre_cast,
             side_flatten_axis=side_axis,
             perm=perm,
-            pattern=("function-expanded" if "one_pass" in flags else "reshaped")
-            if "unflattened" in flags
-            else pattern_label(cand, mg),
+            pattern=pattern_label(cand, mg, flags),
             flags=frozenset(flags),
             scale_source=_reusable(mg, cand, scale),
             bias_source=_reusable(mg, cand, bias) if bias is not None else None,

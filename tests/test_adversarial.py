@@ -17,7 +17,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import lnfuse
-from lnfuse.api import _all_nodes
+from lnfuse.protos import iter_nodes
 
 vi = oh.make_tensor_value_info
 
@@ -231,7 +231,7 @@ def test_axes_conversion_inside_if_branches_with_shared_output_names() -> None:
     r = lnfuse.optimize(m)
     assert r.changed and lnfuse.opset.default_opset(r.model) == 17
     onnx.checker.check_model(r.model, full_check=True)
-    assert sum(n.op_type == "LayerNormalization" for n in _all_nodes(r.model.graph)) == 1
+    assert sum(n.op_type == "LayerNormalization" for n in iter_nodes(r.model.graph)) == 1
     z = np.arange(8, dtype=np.float32).reshape(2, 4)
     x = np.random.default_rng(2).normal(size=(2, 3, 8)).astype(np.float32)
     for c in (True, False):

@@ -19,7 +19,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import lnfuse
-from lnfuse.api import _all_nodes
+from lnfuse.protos import iter_nodes
 
 H = 32
 RNG = np.random.default_rng(7)
@@ -48,7 +48,7 @@ def _gb() -> list[onnx.TensorProto]:
 
 
 def _ops(m: onnx.ModelProto) -> Counter:
-    return Counter(n.op_type for n in _all_nodes(m.graph))
+    return Counter(n.op_type for n in iter_nodes(m.graph))
 
 
 def _equal(

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 import lnfuse
-from lnfuse.api import _all_nodes
+from lnfuse.protos import iter_nodes
 from models import patterns
 
 TP = onnx.TensorProto
@@ -26,7 +26,7 @@ DECOMPOSED = ("ReduceMean", "Sqrt", "Reciprocal", "ReduceSum")
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:
-    return Counter(n.op_type for n in _all_nodes(model.graph))
+    return Counter(n.op_type for n in iter_nodes(model.graph))
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -21,7 +21,6 @@ different inputs, non-contiguous steps).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lnfuse
 from lnfuse.pipeline import PassContext
+from lnfuse.protos import iter_graphs
 from lnfuse.report import Report
 from models.recurrent import (
     EXPORTED,
@@ -51,17 +51,6 @@ RTOL = 1e-5
 # ----------------------------------------------------------------------------
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
 def _is_hoisted(
     graph: onnx.GraphProto, ln: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]
 ) -> bool:
@@ -77,7 +66,7 @@ def _is_hoisted(
 def ln_instances(model: onnx.ModelProto) -> int:
     """LayerNorm instances: LN nodes, a hoisted LN counting once per per-step Gather of its output."""
     total = 0
-    for g in _graphs(model.graph):
+    for g in iter_graphs(model.graph):
         consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in g.node:
             for name in n.input:
@@ -229,7 +218,7 @@ def test_outer_scope_gamma_beta_are_reused() -> None:
     out = _optimized(case).model
     loop = next(n for n in out.graph.node if n.op_type == "Loop")
     body = next(a.g for a in loop.attribute if a.name == "body")
-    after = {i.name: numpy_helper.to_array(i) for g in _graphs(out.graph) for i in g.initializer}
+    after = {i.name: numpy_helper.to_array(i) for g in iter_graphs(out.graph) for i in g.initializer}
     lns = [n for n in body.node if n.op_type == "LayerNormalization"]
     assert len(lns) == 3
     names = set()

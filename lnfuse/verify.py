@@ -173,15 +173,13 @@ def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int
 
 
 def _session(graph: gs.Graph):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
+    """A quiet single-thread CPU session at ORT_DISABLE_ALL (the runtime's own fusion must not help)."""
+    from lnfuse.runtime import ProviderChoice, make_session
 
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = max(7, min_ir_version(graph.opset))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    cpu = ProviderChoice("cpu", ("CPUExecutionProvider",), "per-match proof")
+    return make_session(model, cpu, "disable", threads=1)
 
 
 def _attrs_key(n: gs.Node) -> tuple:

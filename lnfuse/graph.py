@@ -23,7 +23,7 @@ in the number of nodes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,17 +174,9 @@ class ModelGraph:
     def node_count(self) -> int:
         return sum(len(v.graph.nodes) for v in self.views)
 
-    def iter_nodes(self) -> Iterator[gs.Node]:
-        for v in self.views:
-            yield from v.graph.nodes
-
     @staticmethod
     def producer(tensor: gs.Tensor) -> gs.Node | None:
         return tensor.inputs[0] if tensor.inputs else None
-
-    @staticmethod
-    def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-        return list(tensor.outputs)
 
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         tid = id(tensor)

@@ -123,9 +123,6 @@ class Sym:
         ((mono, coef),) = self.terms.items()
         return mono, coef
 
-    def degree(self, atom: str) -> int:
-        return max((int(_exp(m, atom)) for m in self.terms), default=0)
-
 
 def _exp(mono: Monomial, atom: str) -> float:
     for a, e in mono:

@@ -48,8 +48,7 @@ def _graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                 for sub in value if isinstance(value, list) else [value]:
                     if isinstance(sub, gs.Graph):
                         stack.append(sub)
-    for fn in graph.functions:
-        yield fn
+    yield from graph.functions
 
 
 def _describe(graph: gs.Graph) -> list:
@@ -171,9 +170,7 @@ def _corner_model() -> onnx.ModelProto:
         ),
         helper.make_node("Add", ["x", "c"], ["a"], name="add"),
         helper.make_node("If", ["flag"], ["if_out"], name="if", then_branch=then_g, else_branch=else_g),
-        helper.make_node(
-            "Loop", ["trip", "", "a"], ["loop_carry", "loop_scan"], name="loop", body=body
-        ),
+        helper.make_node("Loop", ["trip", "", "a"], ["loop_carry", "loop_scan"], name="loop", body=body),
         helper.make_node("Clip", ["if_out", "", "w"], ["clipped"], name="clip_empty_min"),
         helper.make_node("Dropout", ["clipped"], ["dropped", ""], name="dropout_empty_mask"),
         helper.make_node("MyOp", ["dropped"], ["custom"], name="custom", domain="my.domain", alpha=0.5),

@@ -164,12 +164,16 @@ def normalize_axes(axes: list[int] | None, rank: int | None) -> tuple[int, ...] 
     return tuple(sorted({a - rank if a >= 0 else a for a in axes}))
 
 
+_SHAPE_ARG_OPS = frozenset((*REDUCE_OPS, "Unsqueeze", "Reshape"))
+
+
 class Walker:
     """Runs the bounded forward walk for every anchor of one kind of reduction."""
 
     def __init__(self, mg: ModelGraph) -> None:
         self.mg = mg
         self._const_sym: dict[int, S.Sym | None] = {}
+        self._const_keys: dict[int, tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None] = {}
         self._cone_cache: dict[tuple[int, int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
         self._alias_ids: set[int] = set()
 
@@ -691,34 +695,47 @@ class Walker:
         return src in rank and dst in rank and rank[dst] > rank[src]
 
     def _pure(self, form: S.NormForm, values: dict[int, S.Sym], x: gs.Tensor, t: gs.Tensor) -> bool:
+        """Scale and bias are original constants of the match (up to sign; a scale up to a factor)."""
         _cone, consts, why = self._cone(x, t, values)
         if why:
             return False
-        arrays = [
-            np.asarray(v, dtype=np.float64) for v in (self.mg.const_value(c) for c in consts) if v is not None
-        ]
+        found = [k for k in (self._const_key(c) for c in consts) if k is not None]
+        keys = {k[0] for k in found}
 
         def matches(coef: np.ndarray | None, scaled: bool) -> bool:
-            """``coef`` is an original constant (up to sign; up to a scalar factor for a scale)."""
             if coef is None:
                 return True
             if scaled and S.scalar_of(coef) is not None:
                 return True
-            same = [arr for arr in arrays if arr.shape == coef.shape]
-            for arr in same:
-                if (arr == coef).all() or (arr == -coef).all():
-                    return True
+            arr = np.asarray(coef, dtype=np.float64) + 0.0  # -0.0 == 0.0, as == would say
+            if (arr.shape, arr.tobytes()) in keys or (arr.shape, (-arr).tobytes()) in keys:
+                return True
             if not scaled:
                 return False
-            for arr in same:
-                nz = np.flatnonzero(arr)
-                if nz.size and np.array_equal(arr == 0, coef == 0):
-                    k = coef.flat[nz[0]] / arr.flat[nz[0]]
-                    if np.allclose(coef, k * arr, rtol=1e-12, atol=0.0):
+            for _key, const in found:
+                if const.shape != arr.shape:
+                    continue
+                nz = np.flatnonzero(const)
+                if nz.size and np.array_equal(const == 0, arr == 0):
+                    k = arr.flat[nz[0]] / const.flat[nz[0]]
+                    if np.allclose(arr, k * const, rtol=1e-12, atol=0.0):
                         return True
             return False
 
         return matches(form.scale, True) and matches(form.bias, False)
+
+    def _const_key(self, t: gs.Tensor) -> tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None:
+        """``((shape, float64 bytes), float64 array)`` of a constant, cached; None if not constant."""
+        key = id(t)
+        if key in self._const_keys:
+            return self._const_keys[key]
+        v = self.mg.const_value(t)
+        out = None
+        if v is not None:
+            arr = np.asarray(v, dtype=np.float64) + 0.0
+            out = ((arr.shape, arr.tobytes()), arr)
+        self._const_keys[key] = out
+        return out
 
     def _cone(
         self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
@@ -737,30 +754,33 @@ class Walker:
         start = t.inputs[0] if t.inputs else None
         if start is None:
             return [], [], "output has no producer"
+        alias_ids = self._alias_ids
         seen: set[int] = set()
         stack = [start]
         nodes: list[gs.Node] = []
         consts: list[gs.Tensor] = []
         while stack:
             n = stack.pop()
-            if id(n) in seen:
+            nid = id(n)
+            if nid in seen:
                 continue
-            seen.add(id(n))
+            seen.add(nid)
             nodes.append(n)
+            shape_args = n.op in _SHAPE_ARG_OPS  # axes / shape inputs are not data
             for idx, inp in enumerate(n.inputs):
-                if inp is x or id(inp) in self._alias_ids:
+                tid = id(inp)
+                if inp is x or tid in alias_ids:
                     continue
-                if id(inp) in values and inp.inputs:
+                if tid in values and inp.inputs:
                     stack.append(inp.inputs[0])
-                elif not (
-                    idx > 0 and n.op in (*REDUCE_OPS, "Unsqueeze", "Reshape")
-                ):  # axes/shape are not data
+                elif not (idx and shape_args):
                     consts.append(inp)
         view = self.mg.view_of(start)
         if view is None:
             return nodes, consts, "node not in any graph"
         position = view.position
-        if any(id(n) not in position for n in nodes):
+        try:
+            nodes.sort(key=lambda n: position[id(n)])
+        except KeyError:
             return nodes, consts, "match spans a subgraph boundary"
-        nodes.sort(key=lambda n: position[id(n)])
         return nodes, consts, ""

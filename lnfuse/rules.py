@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lnfuse.graph import FLOAT_TYPES, ModelGraph, node_label, np_dtype
+from lnfuse.graph import FLOAT_TYPES, ModelGraph, new_node, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
 
 TP = onnx.TensorProto
@@ -408,7 +408,7 @@ class NormRule:
         ) -> gs.Tensor:
             """Append ``op(src) -> dst`` (a fresh tensor of ``dtype`` when ``dst`` is None)."""
             dst = dst if dst is not None else gs.Variable(name(f"lnfuse_{op.lower()}"), dtype=np_dtype(dtype))
-            nodes.append(gs.Node(op, name=name(f"lnfuse/{op}"), attrs=attrs, inputs=[src], outputs=[dst]))
+            nodes.append(new_node(op, name(f"lnfuse/{op}"), attrs, [src], [dst]))
             return dst
 
         cur = inp
@@ -434,9 +434,7 @@ class NormRule:
             outs += [extra.get("mean", gs.Variable.empty()), extra.get("inv_std", gs.Variable.empty())]
             while outs and outs[-1].is_empty():
                 outs.pop()
-        nodes.append(
-            gs.Node(params.op, name=name(f"lnfuse/{params.op}"), attrs=attrs, inputs=ins, outputs=outs)
-        )
+        nodes.append(new_node(params.op, name(f"lnfuse/{params.op}"), attrs, ins, outs))
         stash_type = TP.DOUBLE if params.stash_type == 11 else TP.FLOAT
         for kind, t in side or []:
             if kind in extra:

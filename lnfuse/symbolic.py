@@ -91,12 +91,31 @@ class Context:
         return self.edefs[int(atom[1:])]
 
 
-@dataclass(frozen=True)
 class Sym:
-    """Symbolic value of a tensor: ``terms`` maps monomials to float64 coefficient arrays."""
+    """Symbolic value of a tensor: ``terms`` maps monomials to float64 coefficient arrays.
 
-    terms: dict[Monomial, np.ndarray]
-    flags: frozenset[str] = frozenset()
+    Treated as immutable (a plain slotted class rather than a frozen dataclass: the walk
+    builds one per evaluated node, and a frozen dataclass's ``__init__`` costs ~1 us more).
+    """
+
+    __slots__ = ("flags", "terms")
+
+    def __init__(self, terms: dict[Monomial, Coef], flags: frozenset[str] = frozenset()) -> None:
+        self.terms = terms
+        self.flags = flags
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Sym)
+            and self.terms.keys() == other.terms.keys()
+            and self.flags == other.flags
+            and all(np.array_equal(c, other.terms[m]) for m, c in self.terms.items())
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Sym({self.terms!r}, {set(self.flags) or ''})"
 
     # -- construction -----------------------------------------------------
     @staticmethod
@@ -132,6 +151,10 @@ def _exp(mono: Monomial, atom: str) -> float:
 
 
 def _mono_mul(a: Monomial, b: Monomial) -> Monomial:
+    if not b:
+        return a
+    if not a:
+        return b
     out: dict[str, float] = dict(a)
     for atom, e in b:
         out[atom] = out.get(atom, 0.0) + e
@@ -142,11 +165,12 @@ def _mono_pow(a: Monomial, p: float) -> Monomial:
     return tuple(sorted((k, v * p) for k, v in a if v * p != 0))
 
 
-def _merge_flags(*syms: Sym) -> frozenset[str]:
-    out: frozenset[str] = frozenset()
-    for s in syms:
-        out |= s.flags
-    return out
+def _merge_flags(a: Sym, b: Sym) -> frozenset[str]:
+    if not b.flags:
+        return a.flags
+    if not a.flags:
+        return b.flags
+    return a.flags | b.flags
 
 
 def _clean(terms: dict[Monomial, np.ndarray], flags: frozenset[str]) -> Sym | None:
@@ -159,10 +183,12 @@ def _clean(terms: dict[Monomial, np.ndarray], flags: frozenset[str]) -> Sym | No
 def add(a: Sym, b: Sym, sign: float = 1.0) -> Sym | None:
     terms = dict(a.terms)
     for mono, coef in b.terms.items():
+        if sign != 1.0:
+            coef = sign * coef
         if mono in terms:
-            terms[mono] = terms[mono] + sign * coef
+            terms[mono] = terms[mono] + coef
         else:
-            terms[mono] = sign * coef
+            terms[mono] = coef
     return _clean(terms, _merge_flags(a, b))
 
 
@@ -357,12 +383,14 @@ def as_norm(s: Sym, ctx: Context) -> NormForm | None:
         else:
             g_b, gm_b = np.broadcast_arrays(g, gm)
         # Equal up to products of constants evaluated in another order.
-        if (
-            g_b is not None
-            and not np.array_equal(gm_b, -g_b)
-            and not np.allclose(gm_b, -g_b, rtol=1e-12, atol=0.0)
-        ):
-            return None
+        if g_b is not None:
+            neg = -g_b
+            if (
+                gm_b.tobytes() != neg.tobytes()
+                and not np.array_equal(gm_b, neg)
+                and not np.allclose(gm_b, neg, rtol=1e-12, atol=0.0)
+            ):
+                return None
     else:
         if bias is not None or len(s.terms) != 1:
             return None

@@ -459,6 +459,7 @@ def _i64(mg: ModelGraph, base: str, values: list[int] | int) -> gs.Constant:
 
 
 def _dead(mg: ModelGraph, node: gs.Node) -> bool:
+    mg.flush()
     return all(not t.outputs and not mg.is_graph_output(t) for t in node.outputs)
 
 

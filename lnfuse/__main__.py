@@ -1,5 +1,5 @@
 """``python -m lnfuse``: the same as the ``lnfuse`` command."""
 
-from lnfuse.cli import main
+from lnfuse.cli import run
 
-main(prog_name="lnfuse")
+run(prog_name="lnfuse")

@@ -24,6 +24,38 @@ _PROVIDER = click.Choice(["auto", "cuda", "cpu"], case_sensitive=False)
 _LEVEL = click.Choice(["disable", "basic", "extended", "all"], case_sensitive=False)
 
 
+def run(prog_name: str = "lnfuse") -> None:
+    """Console entry point: :func:`main`, then a fast exit once output is flushed.
+
+    A command process holds at most one model graph, all reference cycles. Collecting and
+    freeing it at interpreter exit costs about as much as importing it (~0.7 s on 110k nodes)
+    and does nothing useful, so the process runs without the cyclic GC and leaves with
+    ``os._exit`` after flushing stdout and stderr. Every file was already closed (outputs are
+    fsynced and renamed into place before the command returns). Tests drive :func:`main`.
+    """
+    import gc
+
+    gc.disable()
+    code: int = 0
+    try:
+        main(prog_name=prog_name)
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                code = code or 1
+    os._exit(code)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lnfuse")
 def main() -> None:

@@ -23,6 +23,7 @@ in the number of nodes.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -387,17 +388,21 @@ class ModelGraph:
     # -- naming ---------------------------------------------------------------
     def unique_name(self, base: str) -> str:
         if self._names is None:
+            # Every name a node, tensor or graph already uses: tensors are defined by node
+            # outputs, graph inputs and initializers (an unused initializer is on no node).
             names: set[str] = set()
             for v in self.views:
                 g = v.graph
                 names.update(t.name for t in g.inputs)
-                names.update(t.name for t in g.outputs)
                 for n in g.nodes:
                     names.add(n.name)
-                    names.update(t.name for t in n.inputs)
-                    names.update(t.name for t in n.outputs)
-            for init in self.model.graph.initializer:  # unused ones are not on any node
-                names.add(init.name)
+                    for t in n.outputs:
+                        names.add(t.name)
+                    for t in n.inputs:
+                        if isinstance(t, gs.Constant):
+                            names.add(t.name)
+            for g in iter_graphs(self.model.graph):
+                names.update(i.name for i in g.initializer)
             self._names = names
         name = base
         while name in self._names:
@@ -443,9 +448,12 @@ class ModelGraph:
         list.clear(node.inputs)
         for t in node.outputs:
             producers = t.inputs
-            kept = [p for p in producers if p is not node]
-            list.clear(producers)
-            list.extend(producers, kept)
+            if len(producers) == 1 and producers[0] is node:
+                list.clear(producers)
+            else:
+                kept = [p for p in producers if p is not node]
+                list.clear(producers)
+                list.extend(producers, kept)
         list.clear(node.outputs)
 
     def flush(self) -> None:
@@ -597,7 +605,7 @@ def _lazy_array(lazy: object) -> np.ndarray:
         dt = _RAW_DTYPES[proto.data_type]
         dims = tuple(int(d) for d in proto.dims)
         raw = proto.raw_data
-        if len(raw) == int(np.prod(dims, dtype=np.int64)) * dt.itemsize:
+        if len(raw) == math.prod(dims) * dt.itemsize:
             return np.frombuffer(raw, dtype=dt).reshape(dims).astype(dt.newbyteorder("="), copy=False)
     return np.asarray(lazy.load())  # type: ignore[attr-defined]
 

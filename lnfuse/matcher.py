@@ -258,19 +258,22 @@ class Walker:
                     continue
                 inputs: list[S.Sym] = []
                 ready = True
+                squeezed = False
                 for inp in node.inputs:
                     sym = values.get(id(inp))
                     if sym is None:
                         sym = self._const(inp)
-                    if sym is None:
-                        ready = False
-                        break
+                        if sym is None:
+                            ready = False
+                            break
+                    elif sym.flags and SQUEEZED in sym.flags:
+                        squeezed = True
                     inputs.append(sym)
                 if not ready:
                     continue
                 if (
-                    node.op not in ("Unsqueeze", "Reshape")
-                    and any(SQUEEZED in i.flags for i in inputs)
+                    squeezed
+                    and node.op not in ("Unsqueeze", "Reshape")
                     and not all(
                         SQUEEZED in i.flags or (i.is_const() and self._scalar_const(t))
                         for i, t in zip(inputs, node.inputs, strict=False)
@@ -582,22 +585,7 @@ class Walker:
             # Exporters (CSE) share the mean, the centred value and the variance between two
             # norms of one input; together the two matches close even though neither does alone.
             result.candidates.extend(self._group(x, axes, rank, complete, values))
-        has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
-        stats_failure = has_mean and any(
-            n.op in ("Pow", "Sqrt", "Reciprocal", "Div", "ReduceMean", "ReduceSum") for n, _ in failures
-        )
-        keepdims_failure = any("keepdims" in why for _, why in failures)
-        looks_like_ln = (
-            stats_failure
-            or keepdims_failure
-            or any(e.kind == "ln" for e in ctx.edefs)
-            or any(
-                any(a == "M" for m in v.terms for a, _ in m)
-                and any(a.startswith("E") for m in v.terms for a, _ in m)
-                for v in values.values()
-            )
-        )
-        if not result.candidates and looks_like_ln:
+        if not result.candidates and self._looks_like_ln(ctx, values, failures):
             # It computed a variance-like statistic but never became a normalization.
             if not last_reason:
                 tail = [f"{node_label(n)}: {why}" for n, why in failures[:3]]
@@ -618,6 +606,25 @@ class Walker:
             )
         return result
 
+    @staticmethod
+    def _looks_like_ln(ctx: S.Context, values: dict[int, S.Sym], failures: list[tuple[gs.Node, str]]) -> bool:
+        """The walk computed a variance-like statistic (so a refusal is worth reporting)."""
+        has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
+        stats_failure = has_mean and any(
+            n.op in ("Pow", "Sqrt", "Reciprocal", "Div", "ReduceMean", "ReduceSum") for n, _ in failures
+        )
+        keepdims_failure = any("keepdims" in why for _, why in failures)
+        return (
+            stats_failure
+            or keepdims_failure
+            or any(e.kind == "ln" for e in ctx.edefs)
+            or any(
+                any(a == "M" for m in v.terms for a, _ in m)
+                and any(a.startswith("E") for m in v.terms for a, _ in m)
+                for v in values.values()
+            )
+        )
+
     def _group(
         self,
         x: gs.Tensor,
@@ -634,7 +641,8 @@ class Walker:
             if form is None or (t.inputs and id(t.inputs[0]) in union):
                 continue
             cone, consts, why = self._cone(x, t, values)
-            if why or any(p[0].inputs and p[0].inputs[0] in cone for p in picked):
+            cone_ids = {id(n) for n in cone}
+            if why or any(p[0].inputs and id(p[0].inputs[0]) in cone_ids for p in picked):
                 continue
             picked.append((t, form, cone, consts))
             union |= {id(n) for n in cone}

@@ -21,6 +21,7 @@ as ``Transpose -> norm -> Transpose`` when the rank is known.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ def pattern_label(cand: Candidate, mg: ModelGraph, flags: set[str] | frozenset[s
         base = "one-pass-variance"
     elif "unbiased" in flags:
         base = "unbiased-variance"
-    elif any(n.op == "Mul" and cand.x in n.inputs for n in cand.nodes):
+    elif any(n.op == "Mul" and any(t is cand.x for t in n.inputs) for n in cand.nodes):
         base = "keras"
     else:
         square = (
@@ -225,7 +226,7 @@ class NormRule:
         if any(v is None for v in norm_dims.values()):
             return refuse("normalized dims are unknown (dynamic hidden size and no full-size scale)")
         normalized_shape = tuple(int(norm_dims[a]) for a in axes)  # type: ignore[arg-type]
-        n = int(np.prod(normalized_shape))
+        n = math.prod(int(d) for d in normalized_shape)
 
         # Variance scaling: mean (k == 1) or unbiased N / (N - 1); anything else is not a norm.
         k = form.edef.k

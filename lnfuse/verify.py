@@ -211,7 +211,7 @@ def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> tuple:
             if t is cand.x:
                 parts.append("X")
             elif p is not None and id(p) in index:
-                parts.append(("n", index[id(p)], p.outputs.index(t) if t in p.outputs else 0))
+                parts.append(("n", index[id(p)], next((k for k, o in enumerate(p.outputs) if o is t), 0)))
             else:
                 val = mg.const_value(t)
                 if val is None:

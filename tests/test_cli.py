@@ -141,6 +141,33 @@ def test_python_dash_m_and_readme_example(tmp_path: Path) -> None:
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
+def _dash_m(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lnfuse", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_entry_point_keeps_exit_codes_and_flushes_output(tmp_path: Path) -> None:
+    """``lnfuse.cli.run`` leaves with os._exit: exit codes and buffered output must survive it."""
+    ok = _dash_m("optimize", str(SAMPLE), "-o", str(tmp_path / "o.onnx"), "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)  # the whole document arrived (a lost buffer would cut it)
+    assert len(report["matches"]) == 3
+    bad = tmp_path / "junk.onnx"
+    bad.write_bytes(b"not a model")
+    res = _dash_m("optimize", str(bad), "-o", str(tmp_path / "x.onnx"))
+    assert res.returncode == 2
+    assert res.stderr.startswith("lnfuse: error:") and str(bad) in res.stderr
+    assert not (tmp_path / "x.onnx").exists()
+    usage = _dash_m("optimize")  # click's own usage error
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+    helped = _dash_m("--help")
+    assert helped.returncode == 0 and "optimize" in helped.stdout
+    same = _dash_m("check", str(SAMPLE), str(SAMPLE), "--json")
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout)["ok"] is True
+
+
 def test_unsupported_opset(tmp_path: Path) -> None:
     m = patterns.ALL["torch_opset14"].build()
     m.opset_import[0].version = 99

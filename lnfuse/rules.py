@@ -265,6 +265,8 @@ class NormRule:
         # Coefficients on the normalized shape.
         def on_norm(coef: np.ndarray) -> np.ndarray:
             arr = np.asarray(coef, dtype=np.float64)
+            if arr.shape == normalized_shape and arr.flags.c_contiguous:
+                return arr
             width = max(arr.ndim, -min(axes))
             arr = arr.reshape((1,) * (width - arr.ndim) + arr.shape)
             keep = [width + a for a in axes]
@@ -346,7 +348,7 @@ class NormRule:
             bias = _exactly(bias64, dtype)
             if bias is None:
                 bias = bias64.astype(np_dtype(dtype))
-        if not np.all(np.isfinite(scale)) or (bias is not None and not np.all(np.isfinite(bias))):
+        if not np.isfinite(scale).all() or (bias is not None and not np.isfinite(bias).all()):
             return refuse("scale or bias does not fit the fused op's dtype")
 
         # Mean / InvStdDev read outside the match: only an ONNX function expansion (a Flatten
@@ -568,7 +570,12 @@ def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | 
         if not isinstance(c, gs.Constant):
             continue
         val = mg.const_value(c)
-        if val is not None and val.dtype == arr.dtype and val.shape == arr.shape and np.array_equal(val, arr):
+        if (
+            val is not None
+            and val.dtype == arr.dtype
+            and val.shape == arr.shape
+            and (val.tobytes() == arr.tobytes() or np.array_equal(val, arr))
+        ):
             return c.name
     return None
 

@@ -46,7 +46,7 @@ Coef = float | np.ndarray  # a Python float for scalar coefficients (fast), else
 
 
 def _nonzero(c: Coef) -> bool:
-    return c != 0.0 if isinstance(c, float) else bool(c.any())
+    return c != 0.0 if isinstance(c, float) else np.count_nonzero(c) > 0
 
 
 def _coef(arr: np.ndarray) -> Coef:
@@ -125,7 +125,7 @@ class Sym:
     @staticmethod
     def const(value: np.ndarray) -> Sym:
         arr = np.asarray(value, dtype=np.float64)
-        if not np.any(arr):
+        if not np.count_nonzero(arr):
             return Sym({})
         return Sym({ONE: _coef(arr)})
 
@@ -174,10 +174,13 @@ def _merge_flags(a: Sym, b: Sym) -> frozenset[str]:
 
 
 def _clean(terms: dict[Monomial, np.ndarray], flags: frozenset[str]) -> Sym | None:
-    kept = {m: c for m, c in terms.items() if _nonzero(c)}
-    if len(kept) > MAX_TERMS:
+    """``Sym(terms)`` without its zero terms (``terms`` is the caller's fresh dict)."""
+    zero = [m for m, c in terms.items() if not _nonzero(c)]
+    for m in zero:
+        del terms[m]
+    if len(terms) > MAX_TERMS:
         return None
-    return Sym(kept, flags)
+    return Sym(terms, flags)
 
 
 def add(a: Sym, b: Sym, sign: float = 1.0) -> Sym | None:
@@ -216,7 +219,7 @@ def scalar_of(coef: Coef) -> float | None:
     if arr.size == 0:
         return None
     first = float(arr.reshape(-1)[0])
-    if arr.size > 1 and not (arr == first).all():
+    if arr.size > 1 and np.count_nonzero(arr != first):
         return None
     return first
 

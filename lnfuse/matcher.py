@@ -176,6 +176,7 @@ class Walker:
         self._const_keys: dict[int, tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None] = {}
         self._cone_cache: dict[tuple[int, int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
         self._alias_ids: set[int] = set()
+        self._cone_consts: dict[int, tuple[gs.Tensor, ...]] = {}
 
     # -- proposals --------------------------------------------------------------
     def proposals(
@@ -247,6 +248,10 @@ class Walker:
         order: list[gs.Tensor] = []
         done: set[int] = set()
         failures: list[tuple[gs.Node, str]] = []
+        # Per evaluated tensor, the constants its cone reads (as _cone would list them, with
+        # repeats): what the purity preference compares scale and bias against.
+        cone_consts: dict[int, tuple[gs.Tensor, ...]] = {}
+        self._cone_consts = cone_consts
         queue: list[gs.Tensor] = [x, *(a.outputs[0] for a in aliases)]
         evals = 0
         qi = 0
@@ -259,15 +264,21 @@ class Walker:
                 inputs: list[S.Sym] = []
                 ready = True
                 squeezed = False
-                for inp in node.inputs:
+                shape_args = node.op in _SHAPE_ARG_OPS
+                reads: tuple[gs.Tensor, ...] = ()  # constants in the cone of the node's output
+                for idx, inp in enumerate(node.inputs):
                     sym = values.get(id(inp))
                     if sym is None:
                         sym = self._const(inp)
                         if sym is None:
                             ready = False
                             break
-                    elif sym.flags and SQUEEZED in sym.flags:
-                        squeezed = True
+                        if not (idx and shape_args):
+                            reads += (inp,)
+                    else:
+                        reads += cone_consts.get(id(inp), ())
+                        if sym.flags and SQUEEZED in sym.flags:
+                            squeezed = True
                     inputs.append(sym)
                 if not ready:
                     continue
@@ -300,6 +311,7 @@ class Walker:
                     continue
                 out_t = node.outputs[0]
                 values[id(out_t)] = result
+                cone_consts[id(out_t)] = reads
                 order.append(out_t)
                 queue.append(out_t)
         res = self._select(x, axes, rank, anchor, ctx, values, order, failures)
@@ -703,10 +715,12 @@ class Walker:
         return src in rank and dst in rank and rank[dst] > rank[src]
 
     def _pure(self, form: S.NormForm, values: dict[int, S.Sym], x: gs.Tensor, t: gs.Tensor) -> bool:
-        """Scale and bias are original constants of the match (up to sign; a scale up to a factor)."""
-        _cone, consts, why = self._cone(x, t, values)
-        if why:
-            return False
+        """Scale and bias are original constants of the match (up to sign; a scale up to a factor).
+
+        Only a preference between nested complete outputs (LN -> Add(beta) -> Add(shift)
+        stops at beta); every output chosen is still checked for closure and proved.
+        """
+        consts = self._cone_consts.get(id(t), ())
         found = [k for k in (self._const_key(c) for c in consts) if k is not None]
         keys = {k[0] for k in found}
 

@@ -365,10 +365,9 @@ def as_norm(s: Sym, ctx: Context) -> NormForm | None:
     if not atom:
         return None
     edef = ctx.edef(atom)
-    half = -0.5
-    x_mono: Monomial = (("X", 1.0), (atom, half))
-    x_mono = tuple(sorted(x_mono))
-    m_mono: Monomial = tuple(sorted((("M", 1.0), (atom, half))))
+    # Monomials are sorted by atom name, and "E<i>" < "M" < "X".
+    x_mono: Monomial = ((atom, -0.5), ("X", 1.0))
+    m_mono: Monomial = ((atom, -0.5), ("M", 1.0))
     g = s.terms.get(x_mono)
     if g is None:
         return None

@@ -543,7 +543,7 @@ class ModelGraph:
                         originals[proto.name] = proto
                         t._values = LazyValues(stub)
         try:
-            out = gs.export_onnx(self.graph, do_type_check=False)
+            out = _export_quickly(self.graph)
         finally:
             for t, vals in swapped:
                 t._values = vals
@@ -715,6 +715,35 @@ def _import_quietly(model: onnx.ModelProto) -> gs.Graph:
         OnnxImporter.import_node = stock  # type: ignore[method-assign]
 
 
+def _export_quickly(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx(graph, do_type_check=False)`` with :func:`_fast_export_node` for its nodes."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    stock = OnnxExporter.__dict__["export_node"]
+    if _fast_import_ok():
+        OnnxExporter.export_node = staticmethod(_fast_export_node)  # type: ignore[method-assign]
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        OnnxExporter.export_node = stock  # type: ignore[method-assign]
+
+
+def _fast_export_node(node: gs.Node) -> onnx.NodeProto:
+    """Same NodeProto as ``OnnxExporter.export_node`` (``helper.make_node`` + exported attributes)."""
+    proto = onnx.NodeProto(
+        op_type=node.op,
+        input=[t.name for t in node.inputs],
+        output=[t.name for t in node.outputs],
+    )
+    if node.name:
+        proto.name = node.name
+    if node.domain is not None:
+        proto.domain = node.domain
+    if node.attrs:
+        proto.attribute.extend(_OnnxExporter.export_attributes(node.attrs))
+    return proto
+
+
 # The object layout _fast_import_node writes directly; checked against the installed
 # onnx-graphsurgeon once (the stock importer is used when it differs).
 _NODE_FIELDS = ("op", "name", "attrs", "inputs", "outputs", "domain")
@@ -723,17 +752,18 @@ _LIST_FIELDS = ("parent_obj", "field_name")
 _FAST_OK: bool | None = None
 _new = object.__new__
 _new_list = list.__new__
-_SyncList = _OnnxImporter = None  # bound by _fast_import_ok
+_SyncList = _OnnxImporter = _OnnxExporter = None  # bound by _fast_import_ok
 
 
 def _fast_import_ok() -> bool:
-    global _FAST_OK, _SyncList, _OnnxImporter
+    global _FAST_OK, _SyncList, _OnnxImporter, _OnnxExporter
     if _FAST_OK is None:
         try:
+            from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
             from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
             from onnx_graphsurgeon.util.misc import SynchronizedList
 
-            _SyncList, _OnnxImporter = SynchronizedList, OnnxImporter
+            _SyncList, _OnnxImporter, _OnnxExporter = SynchronizedList, OnnxImporter, OnnxExporter
 
             node, var = gs.Node("Identity"), gs.Variable("t")
             node.inputs.append(var)

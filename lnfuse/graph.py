@@ -388,8 +388,8 @@ class ModelGraph:
     # -- naming ---------------------------------------------------------------
     def unique_name(self, base: str) -> str:
         if self._names is None:
-            # Every name a node, tensor or graph already uses: tensors are defined by node
-            # outputs, graph inputs and initializers (an unused initializer is on no node).
+            # Every name a node or tensor already uses: tensors are defined by node outputs,
+            # graph inputs and initializers (those in use are node inputs).
             names: set[str] = set()
             for v in self.views:
                 g = v.graph
@@ -401,8 +401,9 @@ class ModelGraph:
                     for t in n.inputs:
                         if isinstance(t, gs.Constant):
                             names.add(t.name)
-            for g in iter_graphs(self.model.graph):
-                names.update(i.name for i in g.initializer)
+            # Export restores the original graph inputs (an overridable initializer may be
+            # unused); other unused initializers are not exported, so their names are free.
+            names.update(i.name for i in self.model.graph.input)
             self._names = names
         name = base
         while name in self._names:

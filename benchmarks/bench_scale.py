@@ -193,6 +193,20 @@ def e2e_command(src: Path, out: Path, form: str) -> tuple[list[str], str]:
     return [sys.executable, "-c", code], "python -c 'lnfuse.optimize + onnx.save' (no lnfuse/__main__.py yet)"
 
 
+def calibrate() -> float:
+    """Seconds for a fixed pure-Python loop (10M additions): how fast this CPU is right now.
+
+    Shared cloud cores here vary by about +-30% from minute to minute; each end-to-end run is
+    printed next to the calibration taken just before it, so figures from different times can
+    be compared (0.3-0.5 s on this 2-core machine).
+    """
+    t = time.perf_counter()
+    x = 0
+    for i in range(10_000_000):
+        x += i
+    return time.perf_counter() - t
+
+
 def measure(
     name: str, build: Callable[[], object], workdir: Path, form: str, repeat: int
 ) -> dict[str, object]:
@@ -226,11 +240,12 @@ def measure(
 
     # End to end (best of `repeat`), then the output's LN count.
     out = workdir / f"{name}.e2e.onnx"
-    walls, rsss = [], []
+    walls, rsss, calib = [], [], []
     label = ""
     for _ in range(repeat):
         if out.exists():
             out.unlink()
+        calib.append(calibrate())
         cmd, label = e2e_command(src, out, form)
         wall, rss, rc, err = _run_wait4(cmd, workdir)
         if rc != 0 or not out.exists():
@@ -239,6 +254,7 @@ def measure(
         rsss.append(rss)
     rec["e2e"] = min(walls)
     rec["e2e_runs"] = walls
+    rec["calib_runs"] = calib
     rec["e2e_rss_mib"] = max(rsss)
     rec["e2e_via"] = label
     rec["out_ln"] = _count_ln(str(out))
@@ -386,11 +402,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"e2e {summary['ratio_e2e']:.2f}x, in-process optimize {summary['ratio_optimize']:.2f}x "
                 f"(target <= {RATIO_TARGET:.0f}x)"
             )
+        for r in records:
+            runs = ", ".join(
+                f"{w:.2f} s (cpu check {c:.2f} s)"
+                for w, c in zip(r["e2e_runs"], r["calib_runs"], strict=False)  # type: ignore[call-overload]
+            )
+            print(f"{r['model']} end-to-end runs: {runs}")
         if big10k is not None:
             verdict = "PASS" if float(big10k["e2e"]) < E2E_TARGET_S else "FAIL"  # type: ignore[arg-type]
             print(
                 f"chain_10000 end to end: {float(big10k['e2e']):.2f} s (target < {E2E_TARGET_S:.0f} s): {verdict}"
             )  # type: ignore[arg-type]
+        print(
+            "cpu check = a fixed 10M-iteration Python loop timed just before each run "
+            "(0.3-0.5 s seen on this 2-core machine; larger means a slower moment)"
+        )
         for r in wrong:
             print(
                 f"WRONG COUNT {r['model']}: generated {r['expected_ln']}, fused {r['fused']}, output has {r['out_ln']}"

@@ -59,7 +59,8 @@ def optimize(
 ) -> OptimizeResult:
     """Fuse decomposed LayerNorm (and, with ``rmsnorm=True``, RMSNorm) in ``model``.
 
-    ``model`` is a ``ModelProto`` (not modified) or a path; a model that fails
+    ``model`` is a ``ModelProto`` (not modified) or a path (loaded here, so its weights
+    move into the result rather than being copied: a path costs less memory); a model that fails
     ``onnx.checker`` is refused unless ``allow_invalid``. ``verify`` runs the
     per-match numeric proof on ONNX Runtime (CPU, tiny tensors). ``target_opset``
     raises the default opset to at least that version (exactly, or not at all).
@@ -178,7 +179,20 @@ def _optimize(
         report.timings.update(load=t_load - t0, import_=t_import - t_load, match=t_match - t_import)
         return OptimizeResult(model=proto, report=report, changed=False)
 
-    out = mg.export()
+    # A model this call loaded itself is nobody else's: its big weights move into the result
+    # instead of being copied (see ModelGraph.export). A failure below re-reads the input.
+    consume = not isinstance(model, onnx.ModelProto)
+    out = mg.export(consume=consume)
+    if out is proto:
+
+        def original() -> onnx.ModelProto:
+            return _load(model)[0]
+
+    else:
+
+        def original() -> onnx.ModelProto:
+            return proto
+
     need = max(
         [
             17 if any(m.op == "LayerNormalization" for m in report.matches) else 0,
@@ -191,7 +205,7 @@ def _optimize(
         if why is not None:  # plan() said yes; a disagreement here is a bug: stay safe
             report.opset_note = f"opset not raised ({why}); model left unchanged"
             report.matches.clear()
-            return OptimizeResult(model=proto, report=report, changed=False)
+            return OptimizeResult(model=original(), report=report, changed=False)
     report.opset_after = opset_mod.default_opset(out)
     t_export = time.perf_counter()
 
@@ -199,13 +213,15 @@ def _optimize(
         from lnfuse import io as lio
 
         problem = _full_check(out)
-        if problem is not None and _full_check(proto) is None:
-            report.warnings.append(
-                f"internal error: the rewritten model failed onnx.checker ({problem}); model left unchanged"
-            )
-            report.matches.clear()
-            report.opset_after = old
-            return OptimizeResult(model=proto, report=report, changed=False)
+        if problem is not None:
+            before = original()
+            if _full_check(before) is None:
+                report.warnings.append(
+                    f"internal error: the rewritten model failed onnx.checker ({problem}); model left unchanged"
+                )
+                report.matches.clear()
+                report.opset_after = old
+                return OptimizeResult(model=before, report=report, changed=False)
     report.nodes_after = sum(1 for _ in iter_nodes(out.graph))
     report.changed = True
     report.timings.update(

@@ -163,11 +163,13 @@ def optimize_cmd(
 
         dim_map = parse_dims(dims)
         range_map = parse_ranges(ranges)
-        original = lio.load_model(model)
+        # --validate / --bench compare against the original, so it is loaded here and kept;
+        # otherwise optimize() loads the file itself and may build the result in that copy
+        # (no second copy of the weights).
+        original = lio.load_model(model) if (validate or do_bench) else None
         out_path = lio.resolve_output_path(model, output, in_place=in_place)
-        external = lio.has_external_data(model)
         result = optimize(
-            original,
+            original if original is not None else model,
             rmsnorm=rmsnorm,
             hoist=not no_hoist,
             verify=not no_verify,
@@ -177,6 +179,7 @@ def optimize_cmd(
         )
         report = result.report
         report.source = os.fspath(model)
+        external = lio.has_external_data(model)  # remembered from the load: no second parse
         code = 0
         if validate:
             from lnfuse.check import check

@@ -736,9 +736,10 @@ def resolve_output_path(input_path: Path | None, output: PathLike | None, *, in_
         if _same_file(inp, out):
             raise InputError(f"refusing to overwrite the input {inp} with the output {out}; pass --in-place")
         companion = out.with_name(out.name + ".data")
-        for data_file in _input_data_files(inp):
-            for target in (out, companion):
-                if target.exists() and _same_file(data_file, target):
+        existing = [t for t in (out, companion) if t.exists()]  # only these could be overwritten
+        for data_file in _input_data_files(inp) if existing else []:
+            for target in existing:
+                if _same_file(data_file, target):
                     raise InputError(
                         f"refusing to overwrite {target}: it is external data of the input {inp}; "
                         "choose another output path"

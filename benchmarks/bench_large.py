@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -103,29 +102,42 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.2)
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temp dir)")
+    ap.add_argument("--build-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.build_only is not None:
+        print(build(args.build_only, args.gb))
+        return 0
     work = args.keep or Path(tempfile.mkdtemp(prefix="lnfuse-large-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         src = work / "big.onnx"
         t0 = time.perf_counter()
-        nbytes = build(src, args.gb)
+        # Built by a child process: a child forked later from a parent that still held the
+        # generated weights would start with (and report as its peak) the parent's memory.
+        built = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--build-only", str(src), "--gb", str(args.gb)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        nbytes = int(built.stdout.split()[-1])
         print(f"built {src} with {nbytes / 2**30:.2f} GiB of weights in {time.perf_counter() - t0:.1f} s")
         before = tensor_digests(src)
         (work / "out").mkdir(exist_ok=True)
         out = work / "out" / "big.ln.onnx"
         t0 = time.perf_counter()
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "lnfuse", "optimize", str(src), "-o", str(out)],
-            capture_output=True,
-            text=True,
-            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+        _pid, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
         wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        print(proc.stdout.rstrip())
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
+        peak = usage.ru_maxrss * 1024
+        print(stdout.decode(errors="replace").rstrip())
+        if os.waitstatus_to_exitcode(status) != 0:
+            print(stderr.decode(errors="replace"), file=sys.stderr)
             return 1
         after = tensor_digests(out)
         kept = [n for n in before if n in after]

@@ -21,7 +21,7 @@ from lnfuse import opset as opset_mod
 from lnfuse.errors import InputError
 from lnfuse.graph import ModelGraph
 from lnfuse.pipeline import PassContext
-from lnfuse.protos import INFER_LIMIT, iter_nodes, model_nbytes, tensor_nbytes
+from lnfuse.protos import INFER_LIMIT, copy_fields, iter_nodes, model_nbytes, tensor_nbytes
 from lnfuse.report import Group, Report
 
 MIN_SUPPORTED_OPSET = 7
@@ -241,25 +241,9 @@ def _without_big_weights(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.M
     model; the copy costs kilobytes instead of a second copy of the weights.
     """
     out = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name == "graph":
-            continue
-        if isinstance(value, (str, bytes, int, float, bool)):
-            setattr(out, fd.name, value)
-        elif hasattr(value, "extend"):
-            getattr(out, fd.name).extend(value)
-        else:
-            getattr(out, fd.name).CopyFrom(value)
+    copy_fields(out, model, {"graph"})
     g = model.graph
-    for fd, value in g.ListFields():
-        if fd.name == "initializer":
-            continue
-        if isinstance(value, (str, bytes, int, float, bool)):
-            setattr(out.graph, fd.name, value)
-        elif hasattr(value, "extend"):
-            getattr(out.graph, fd.name).extend(value)
-        else:
-            getattr(out.graph, fd.name).CopyFrom(value)
+    copy_fields(out.graph, g, {"initializer"})
     for init in g.initializer:
         if tensor_nbytes(init) > limit:
             out.graph.input.append(

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto as TP
 from onnx import helper
 
-from lnfuse.protos import inferred_or_same, iter_graphs, tensor_nbytes
+from lnfuse.protos import copy_fields, inferred_or_same, iter_graphs, tensor_nbytes
 
 Dim = int | str | None
 
@@ -575,19 +575,7 @@ class ModelGraph:
         if main_big:
             return self._transplant(out, main_big)
         graph_doc = self.model.graph.doc_string
-        for fd in out.DESCRIPTOR.fields:
-            if fd.name == "graph":
-                continue
-            out.ClearField(fd.name)
-        for fd, value in self.model.ListFields():
-            if fd.name == "graph":
-                continue
-            if _is_repeated(fd):
-                getattr(out, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(out, fd.name).CopyFrom(value)
-            else:
-                setattr(out, fd.name, value)
+        copy_fields(out, self.model, {"graph"}, clear=True)
         out.graph.doc_string = graph_doc
         # Graph inputs are the model's interface: keep them exactly (onnx-graphsurgeon drops
         # initializers that double as inputs, i.e. overridable defaults, from the input list).
@@ -651,19 +639,7 @@ def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]
         del inits[0:end]
     seen = {t.name for t in inits}
     inits.extend(t for t in src.initializer if t.name not in seen)
-    for fd in dst.DESCRIPTOR.fields:
-        if fd.name in ("initializer", "input"):
-            continue
-        dst.ClearField(fd.name)
-    for fd, value in src.ListFields():
-        if fd.name in ("initializer", "input"):
-            continue
-        if _is_repeated(fd):
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
+    copy_fields(dst, src, {"initializer", "input"}, clear=True)
 
 
 def _has_dead_nodes(graph: gs.Graph) -> bool:
@@ -680,13 +656,6 @@ def _has_dead_nodes(graph: gs.Graph) -> bool:
                     if isinstance(sub, gs.Graph):
                         stack.append(sub)
     return False
-
-
-def _is_repeated(fd: object) -> bool:
-    flag = getattr(fd, "is_repeated", None)
-    if isinstance(flag, bool):
-        return flag
-    return getattr(fd, "label", 0) == 3  # LABEL_REPEATED
 
 
 def _norm_dim(d: object) -> Dim:
@@ -871,13 +840,26 @@ def new_node(
     """``gs.Node(op, name, attrs, inputs, outputs, domain)``, built directly when the layout allows."""
     if not _fast_import_ok():
         return gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=outputs, domain=domain)
+    return _assemble_node(op, name, attrs, list(inputs), list(outputs), domain)
+
+
+def _assemble_node(
+    op: str,
+    name: str,
+    attrs: dict[str, object],
+    inputs: list[gs.Tensor],
+    outputs: list[gs.Tensor],
+    domain: str | None,
+) -> gs.Node:
+    """A gs.Node with its fields set directly; each tensor's producer/consumer list gets the node
+    exactly as ``SynchronizedList.extend`` would put it there. ``inputs``/``outputs`` are taken over."""
     node = _new(gs.Node)
     node.__dict__.update(
         op=op,
         name=name,
         attrs=attrs,
-        inputs=_synced(node, "outputs", list(inputs)),
-        outputs=_synced(node, "inputs", list(outputs)),
+        inputs=_synced(node, "outputs", inputs),
+        outputs=_synced(node, "inputs", outputs),
         domain=domain,
     )
     for t in inputs:
@@ -885,6 +867,23 @@ def new_node(
     for t in outputs:
         list.append(t.inputs, node)
     return node
+
+
+def _named_tensors(names: Iterable[str], local: dict, outer: dict | None) -> list[gs.Tensor]:
+    """onnx-graphsurgeon's lookup: this graph's map, then the outer scope's; an empty name is a
+    fresh unnamed Variable; any other unknown name a new Variable registered in ``local``."""
+    out = []
+    for name in names:
+        t = local.get(name)
+        if t is None and outer is not None:
+            t = outer.get(name)
+        if t is None:
+            if name:
+                t = local[name] = _new_variable(name)
+            else:
+                t = _new_variable("")
+        out.append(t)
+    return out
 
 
 def _fast_import_node(
@@ -902,26 +901,8 @@ def _fast_import_node(
     tensors' producer/consumer lists are filled exactly as ``SynchronizedList.extend`` would.
     ``tests/test_graph_import.py`` compares the two importers on every shipped model.
     """
-    inputs = []
-    for name in onnx_node.input:
-        t = subgraph_tensor_map.get(name)
-        if t is None:
-            t = tensor_map.get(name)
-            if t is None:
-                if not name:
-                    t = _new_variable("")
-                else:
-                    t = subgraph_tensor_map[name] = _new_variable(name)
-        inputs.append(t)
-    outputs = []
-    for name in onnx_node.output:
-        t = subgraph_tensor_map.get(name)
-        if t is None:
-            if not name:
-                t = _new_variable("")
-            else:
-                t = subgraph_tensor_map[name] = _new_variable(name)
-        outputs.append(t)
+    inputs = _named_tensors(onnx_node.input, subgraph_tensor_map, tensor_map)
+    outputs = _named_tensors(onnx_node.output, subgraph_tensor_map, None)  # never from outside
     attrs = (
         _OnnxImporter.import_attributes(
             onnx_node.attribute, tensor_map, subgraph_tensor_map, opset, import_domains
@@ -929,17 +910,5 @@ def _fast_import_node(
         if len(onnx_node.attribute)
         else OrderedDict()
     )
-    node = _new(gs.Node)
-    node.__dict__.update(
-        op=onnx_node.op_type,
-        name=onnx_node.name,
-        attrs=attrs,
-        inputs=_synced(node, "outputs", inputs),
-        outputs=_synced(node, "inputs", outputs),
-        domain=onnx_node.domain if onnx_node.HasField("domain") else None,
-    )
-    for t in inputs:
-        list.append(t.outputs, node)
-    for t in outputs:
-        list.append(t.inputs, node)
-    return node
+    domain = onnx_node.domain if onnx_node.HasField("domain") else None
+    return _assemble_node(onnx_node.op_type, onnx_node.name, attrs, inputs, outputs, domain)

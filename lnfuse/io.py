@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 import onnx
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, EncodeError, Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 
 from lnfuse.errors import InputError
-from lnfuse.protos import model_nbytes
+from lnfuse.protos import copy_fields, is_repeated, model_nbytes
 
 __all__ = [
     "checker_problem",
@@ -827,13 +826,6 @@ def _len_field(number: int, payload: bytes) -> bytes:
 _Encoder = Callable[[Message], bytes]
 
 
-def _is_repeated(fd: FieldDescriptor) -> bool:
-    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6; `label` was removed in 7
-    if flag is None:
-        return fd.label == fd.LABEL_REPEATED
-    return bool(flag)
-
-
 def _encode(msg: Message, special: dict[str, _Encoder]) -> bytes:
     """Serialize ``msg`` field by field (in field-number order, as protobuf does),
     encoding the sub-messages of the fields named in ``special`` with their function.
@@ -843,14 +835,14 @@ def _encode(msg: Message, special: dict[str, _Encoder]) -> bytes:
     parts: list[bytes] = []
     for fd, value in msg.ListFields():
         encode = special.get(fd.name)
-        is_repeated = _is_repeated(fd)
+        repeated = is_repeated(fd)
         if fd.message_type is not None:
             fn = encode or (lambda m: m.SerializeToString())
-            for element in value if is_repeated else (value,):
+            for element in value if repeated else (value,):
                 parts.append(_len_field(fd.number, fn(element)))
         else:  # scalars, strings, repeated scalars: let protobuf encode just this field
             single = type(msg)()
-            if is_repeated:
+            if repeated:
                 getattr(single, fd.name).extend(value)
             else:
                 setattr(single, fd.name, value)
@@ -896,15 +888,7 @@ class _ExternalWriter:
             return tensor.SerializeToString()
         self.data_file.write(raw)
         stub = TensorProto()
-        for fd, value in tensor.ListFields():
-            if fd.name in self._SKIP:
-                continue
-            if _is_repeated(fd):
-                getattr(stub, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(stub, fd.name).CopyFrom(value)
-            else:
-                setattr(stub, fd.name, value)
+        copy_fields(stub, tensor, self._SKIP)
         stub.data_location = TensorProto.EXTERNAL
         for key, value in (
             ("location", self.data_name),

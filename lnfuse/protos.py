@@ -7,10 +7,42 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import helper
 
 # Shape inference serializes the model; beyond this size it is skipped (protobuf's 2 GB limit).
 INFER_LIMIT = 1_800_000_000
+
+
+def is_repeated(fd: object) -> bool:
+    """Whether a protobuf field descriptor is repeated (``label`` is gone in protobuf 7)."""
+    flag = getattr(fd, "is_repeated", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(fd, "label", 0) == 3  # LABEL_REPEATED
+
+
+def copy_fields(
+    dst: Message, src: Message, skip: frozenset[str] | set[str] = frozenset(), *, clear: bool = False
+) -> None:
+    """Give ``dst`` every field ``src`` has, except those named in ``skip``.
+
+    ``clear``: first clear every field of ``dst`` not in ``skip`` (so ``dst`` ends up equal to
+    ``src`` on those fields). Sub-messages and repeated fields are copied.
+    """
+    if clear:
+        for fd in dst.DESCRIPTOR.fields:
+            if fd.name not in skip:
+                dst.ClearField(fd.name)
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if is_repeated(fd):
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

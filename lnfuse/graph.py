@@ -775,6 +775,15 @@ _NODE_FIELDS = ("op", "name", "attrs", "inputs", "outputs", "domain")
 _VARIABLE_FIELDS = ("name", "inputs", "outputs", "dtype", "shape", "type")
 _LIST_FIELDS = ("parent_obj", "field_name")
 _FAST_OK: bool | None = None
+# The call signatures the fast importer/exporter stand in for (onnx-graphsurgeon 0.5.x / 0.6.x).
+_IMPORT_NODE_PARAMS = ("onnx_node", "tensor_map", "subgraph_tensor_map", "opset", "import_domains")
+_IMPORT_ATTRS_PARAMS = ("onnx_attributes", "tensor_map", "subgraph_tensor_map", "opset", "import_domains")
+
+
+def _params(fn: object) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(fn).parameters)  # type: ignore[arg-type]
 _new = object.__new__
 _new_list = list.__new__
 _SyncList = _OnnxImporter = _OnnxExporter = None  # bound by _fast_import_ok
@@ -801,6 +810,10 @@ def _fast_import_ok() -> bool:
                 and list.__getitem__(var.outputs, 0) is node
                 and node.inputs.field_name == "outputs"
                 and var.outputs.field_name == "inputs"
+                and _params(OnnxImporter.import_node) == _IMPORT_NODE_PARAMS
+                and _params(OnnxImporter.import_attributes) == _IMPORT_ATTRS_PARAMS
+                and _params(OnnxExporter.export_node) == ("node",)
+                and _params(OnnxExporter.export_attributes) == ("attrs",)
             )
         except Exception:  # pragma: no cover - a very different onnx-graphsurgeon
             _FAST_OK = False

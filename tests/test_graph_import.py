@@ -239,3 +239,15 @@ def test_layout_mismatch_falls_back_to_stock_importer(monkeypatch: pytest.Monkey
     imported = lgraph._import_quietly(model)
     monkeypatch.setattr(lgraph, "_FAST_OK", False)
     assert _describe(imported) == _describe(_import(model, False))
+
+
+def test_importer_signature_mismatch_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another onnx-graphsurgeon whose import_node takes other arguments: the stock path is used."""
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    def import_node(onnx_node: object, tensor_map: object, subgraph_tensor_map: object) -> None:
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(lgraph, "_FAST_OK", None)
+    monkeypatch.setattr(OnnxImporter, "import_node", staticmethod(import_node))
+    assert not lgraph._fast_import_ok()

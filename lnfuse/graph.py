@@ -172,6 +172,7 @@ class ModelGraph:
                         if isinstance(sub, gs.Graph):
                             label = node.name or node.op
                             stack.append((sub, f"{path}/{label}:{attr_name}", view))
+        self._all_output_ids = set().union(*(v.output_ids for v in self.views))
         self._const_cache.clear()
         self._dtype_cache.clear()
 
@@ -186,8 +187,8 @@ class ModelGraph:
         return tensor.inputs[0] if tensor.inputs else None
 
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
-        tid = id(tensor)
-        return any(tid in v.output_ids for v in self.views)
+        """An output of the main graph or of any body."""
+        return id(tensor) in self._all_output_ids
 
     # -- constants ----------------------------------------------------------
     def const_value(self, tensor: gs.Tensor, _depth: int = 0) -> np.ndarray | None:

@@ -538,11 +538,13 @@ class Walker:
                     if out is t:
                         continue
                     outside = [c for c in out.outputs if id(c) not in cone_ids]
-                    kind = self._side_kind(values.get(id(out)), form, ctx)
-                    if kind and (outside or mg.is_graph_output(out)):
-                        side[id(out)] = (kind, out)
-                        continue
-                    if mg.is_graph_output(out):
+                    is_output = mg.is_graph_output(out)
+                    if outside or is_output:
+                        kind = self._side_kind(values.get(id(out)), form, ctx)
+                        if kind:
+                            side[id(out)] = (kind, out)
+                            continue
+                    if is_output:
                         leak = f"intermediate '{out.name}' is a graph output"
                         break
                     absorbed = []
@@ -572,7 +574,8 @@ class Walker:
                             f"{outside[0].op} '{outside[0].name}' outside the match"
                         )
                         break
-                    if S.is_negated_centering(values.get(id(out), S.Sym({}))):
+                    value = values.get(id(out))
+                    if value is not None and S.is_negated_centering(value):
                         leak = f"centred value '{out.name}' is computed as mean - x, not x - mean"
                         break
                 if leak:

@@ -183,6 +183,8 @@ def _session(graph: gs.Graph):  # type: ignore[no-untyped-def]
 
 
 def _attrs_key(n: gs.Node) -> tuple:
+    if not n.attrs:
+        return ()
     return tuple(
         sorted((k, v if isinstance(v, (int, float, str, bytes)) else repr(v)) for k, v in n.attrs.items())
     )
@@ -211,7 +213,9 @@ def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> tuple:
             if t is cand.x:
                 parts.append("X")
             elif p is not None and id(p) in index:
-                parts.append(("n", index[id(p)], next((k for k, o in enumerate(p.outputs) if o is t), 0)))
+                outs = p.outputs
+                k = 0 if outs[0] is t else next((k for k, o in enumerate(outs) if o is t), 0)
+                parts.append(("n", index[id(p)], k))
             else:
                 val = mg.const_value(t)
                 if val is None:

@@ -85,7 +85,17 @@ def _describe(graph: gs.Graph) -> list:
 
     out: list = []
     for g in _graphs(graph):
-        out.append(("graph", ref(g), g.name, [tensor(t) for t in g.inputs], [tensor(t) for t in g.outputs]))
+        out.append(
+            (
+                "graph",
+                ref(g),
+                g.name,
+                [tensor(t) for t in g.inputs],
+                [tensor(t) for t in g.outputs],
+                ref(g._functions),  # which graphs share one function list
+                [f.unique_id for f in g.functions],
+            )
+        )
         for node in g.nodes:
             assert sorted(vars(node)) == sorted(NODE_FIELDS)
             out.append(
@@ -251,3 +261,20 @@ def test_importer_signature_mismatch_falls_back(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(lgraph, "_FAST_OK", None)
     monkeypatch.setattr(OnnxImporter, "import_node", staticmethod(import_node))
     assert not lgraph._fast_import_ok()
+
+
+def test_functions_and_bodies_import_identically() -> None:
+    """A local function and If branches in one model: function lists are shared the same way."""
+    model = _corner_model()
+    fn = helper.make_function(
+        "local",
+        "Twice",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    model.functions.append(fn)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node.append(helper.make_node("Twice", ["y2"], ["y3"], name="call", domain="local"))
+    _assert_same(model)

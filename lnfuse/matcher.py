@@ -502,23 +502,36 @@ class Walker:
         mg = self.mg
         result = WalkResult()
         claimed: set[int] = set()
-        complete = [(t, S.as_norm(values[id(t)], ctx)) for t in order if S.maybe_norm(values[id(t)])]
-        complete = [(t, f) for t, f in complete if f is not None and not self._widening_cast(t)]
+        # Complete norms, deepest first; each one's NormForm is worked out only when needed
+        # (None: not a norm after all, or it ends in a widening Cast).
+        deep = [t for t in reversed(order) if S.maybe_norm(values[id(t)])]
+        forms: dict[int, S.NormForm | None] = {}
+
+        def form_of(t: gs.Tensor) -> S.NormForm | None:
+            key = id(t)
+            if key not in forms:
+                f = S.as_norm(values[key], ctx)
+                forms[key] = f if f is not None and not self._widening_cast(t) else None
+            return forms[key]
+
         # Prefer the deepest output whose scale and bias are original constants
         # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
         # Purity is tested from the deepest down, and only as far as needed.
-        deep = list(reversed(complete))
-        first_pure = next((i for i, (t, f) in enumerate(deep) if self._pure(f, values, x, t)), None)
+        first_pure = next(
+            (i for i, t in enumerate(deep) if (f := form_of(t)) is not None and self._pure(f, values, x, t)),
+            None,
+        )
         seq = deep if first_pure is None else deep[first_pure:]
-        complete = list(reversed(seq))
         last_reason = ""
         last_nodes: list[str] = []
-        for k, (t, form) in enumerate(seq):
-            if k and t.inputs and id(t.inputs[0]) in claimed:
+        for t in seq:
+            if t.inputs and id(t.inputs[0]) in claimed:
                 continue  # inside a match already taken
-            if k and first_pure is not None and not self._pure(form, values, x, t):
+            form = form_of(t)
+            if form is None:
                 continue
-            assert form is not None
+            if first_pure is not None and not self._pure(form, values, x, t):
+                continue
             cone, consts, why = self._cone(x, t, values)
             if why:
                 if not last_reason:
@@ -596,10 +609,12 @@ class Walker:
             cand.side_outputs = list(side.values())
             cand.side_nodes = side_nodes
             result.candidates.append(cand)
-        if not result.candidates and len(complete) >= 2:
-            # Exporters (CSE) share the mean, the centred value and the variance between two
-            # norms of one input; together the two matches close even though neither does alone.
-            result.candidates.extend(self._group(x, axes, rank, complete, values))
+        if not result.candidates:
+            complete = [(t, f) for t in reversed(seq) if (f := form_of(t)) is not None]
+            if len(complete) >= 2:
+                # Exporters (CSE) share the mean, the centred value and the variance between two
+                # norms of one input; together the two matches close even though neither does alone.
+                result.candidates.extend(self._group(x, axes, rank, complete, values))
         if not result.candidates and self._looks_like_ln(ctx, values, failures):
             # It computed a variance-like statistic but never became a normalization.
             if not last_reason:

@@ -762,14 +762,17 @@ def _merge_if_needed(graph: gs.Graph) -> None:
 
 
 def _export_quickly(graph: gs.Graph) -> onnx.ModelProto:
-    """``gs.export_onnx(graph, do_type_check=False)`` with :func:`_fast_export_node` for its nodes."""
+    """``gs.export_onnx(graph, do_type_check=False)`` with :func:`_fast_export_node` for its nodes
+    (and without its opset_import, which the caller sets from the original model)."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     stock = OnnxExporter.__dict__["export_node"]
     if _fast_import_ok():
         OnnxExporter.export_node = staticmethod(_fast_export_node)  # type: ignore[method-assign]
     try:
-        return gs.export_onnx(graph, do_type_check=False)
+        # opset_imports given: onnx-graphsurgeon would otherwise crawl every node for domains;
+        # ModelGraph.export replaces the model-level fields with the original's anyway.
+        return gs.export_onnx(graph, do_type_check=False, opset_imports=[])
     finally:
         OnnxExporter.export_node = stock  # type: ignore[method-assign]
 

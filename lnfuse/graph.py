@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -726,23 +726,44 @@ def _import_quietly(model: onnx.ModelProto) -> gs.Graph:
     and tensor through ``__setattr__`` hooks and synchronised-list callbacks, about 20 us per
     node; :func:`_fast_import_node` builds the same objects directly (see its docstring).
     """
+    from onnx_graphsurgeon.importers import onnx_importer
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
     from onnx_graphsurgeon.logger import G_LOGGER
 
     verbose = G_LOGGER.verbose
     stock = OnnxImporter.__dict__["import_node"]
     stock_merge = gs.Graph.__dict__["_merge_subgraph_functions"]
+    stock_np_type = onnx_importer.get_numpy_type
     G_LOGGER.verbose = lambda *args, **kwargs: None  # type: ignore[method-assign]
     if _fast_import_ok():
         _IMPORT_SAW_SUBGRAPH[0] = False
         OnnxImporter.import_node = staticmethod(_fast_import_node)  # type: ignore[method-assign]
         gs.Graph._merge_subgraph_functions = _merge_if_needed  # type: ignore[method-assign]
+        onnx_importer.get_numpy_type = _memoized(stock_np_type)
     try:
         return gs.import_onnx(model)
     finally:
         G_LOGGER.verbose = verbose  # type: ignore[method-assign]
         OnnxImporter.import_node = stock  # type: ignore[method-assign]
         gs.Graph._merge_subgraph_functions = stock_merge  # type: ignore[method-assign]
+        onnx_importer.get_numpy_type = stock_np_type
+
+
+def _memoized(fn: Callable[[object], object]) -> Callable[[object], object]:
+    """``fn`` with its results remembered per argument (onnx-graphsurgeon's get_numpy_type rebuilds
+    onnx's list of all tensor types on every call: twice per initializer)."""
+    cache: dict[object, object] = {}
+
+    def wrapper(arg: object) -> object:
+        try:
+            return cache[arg]
+        except KeyError:
+            cache[arg] = out = fn(arg)
+            return out
+        except TypeError:  # unhashable
+            return fn(arg)
+
+    return wrapper
 
 
 # Set by _fast_import_node when a node holds a graph (If / Loop / Scan body).

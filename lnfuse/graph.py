@@ -435,11 +435,27 @@ class ModelGraph:
         calls it), in one pass per tensor: removing k of a shared constant's n consumers one by
         one would cost k*n (and onnx-graphsurgeon's list removal compares nodes with ``==``).
         """
+        nodes = list(nodes)
+        region = {id(n) for n in nodes}
         for n in nodes:
-            self._unlink(n)
+            self._unlink(n, region)
 
-    def _unlink(self, node: gs.Node) -> None:
+    def _internal(self, t: gs.Tensor, region: set[int]) -> bool:
+        """``t`` lives only inside ``region`` (made and read there, not a graph output): when the
+        region goes, nothing that stays can reach it, so its lists need no repair."""
+        return (
+            bool(t.inputs)
+            and id(t.inputs[0]) in region
+            and all(id(c) in region for c in t.outputs)
+            and id(t) not in self._all_output_ids
+        )
+
+    def _unlink(self, node: gs.Node, region: set[int] | None = None) -> None:
+        """Detach one node; with ``region`` (all nodes being removed together) tensors internal
+        to the region are left as they are."""
         for t in node.inputs:
+            if region is not None and self._internal(t, region):
+                continue
             src = t.inputs[0] if t.inputs else None
             if src is not None:
                 owner = self._node_view.get(id(src))
@@ -449,6 +465,8 @@ class ModelGraph:
         self._detached[id(node)] = node
         list.clear(node.inputs)
         for t in node.outputs:
+            if region is not None and self._internal(t, region):
+                continue
             producers = t.inputs
             if len(producers) == 1 and producers[0] is node:
                 list.clear(producers)

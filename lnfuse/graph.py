@@ -440,23 +440,22 @@ class ModelGraph:
         for n in nodes:
             self._unlink(n, region)
 
-    def _internal(self, t: gs.Tensor, region: set[int]) -> bool:
-        """``t`` lives only inside ``region`` (made and read there, not a graph output): when the
-        region goes, nothing that stays can reach it, so its lists need no repair."""
-        return (
-            bool(t.inputs)
-            and id(t.inputs[0]) in region
-            and all(id(c) in region for c in t.outputs)
-            and id(t) not in self._all_output_ids
-        )
-
     def _unlink(self, node: gs.Node, region: set[int] | None = None) -> None:
-        """Detach one node; with ``region`` (all nodes being removed together) tensors internal
-        to the region are left as they are."""
+        """Detach one node. With ``region`` (ids of all nodes removed together), a tensor that
+        lives only inside it (made and read there, not a graph output) is left as it is: once
+        the region goes nothing that stays can reach it, so its lists need no repair."""
+        outputs = self._all_output_ids
         for t in node.inputs:
-            if region is not None and self._internal(t, region):
+            producers = t.inputs
+            if (
+                region is not None
+                and producers
+                and id(producers[0]) in region
+                and id(t) not in outputs
+                and all(id(c) in region for c in t.outputs)
+            ):
                 continue
-            src = t.inputs[0] if t.inputs else None
+            src = producers[0] if producers else None
             if src is not None:
                 owner = self._node_view.get(id(src))
                 if owner is not None:
@@ -465,8 +464,8 @@ class ModelGraph:
         self._detached[id(node)] = node
         list.clear(node.inputs)
         for t in node.outputs:
-            if region is not None and self._internal(t, region):
-                continue
+            if region is not None and id(t) not in outputs and all(id(c) in region for c in t.outputs):
+                continue  # internal (its producer, this node, is in the region)
             producers = t.inputs
             if len(producers) == 1 and producers[0] is node:
                 list.clear(producers)

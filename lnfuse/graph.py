@@ -578,6 +578,8 @@ class ModelGraph:
         finally:
             for t, vals in swapped:
                 t._values = vals
+        if len(self.views) > 1:
+            _restore_outer_initializers(out.graph, self.model.graph)
         main_big: set[str] = set()
         if originals and consume:
             main_ids = {id(t) for t in self.model.graph.initializer if t.name in originals}
@@ -635,6 +637,31 @@ def _lazy_array(lazy: object) -> np.ndarray:
         if len(raw) == math.prod(dims) * dt.itemsize:
             return np.frombuffer(raw, dtype=dt).reshape(dims).astype(dt.newbyteorder("="), copy=False)
     return np.asarray(lazy.load())  # type: ignore[attr-defined]
+
+
+def _restore_outer_initializers(out: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """Put the original main graph's initializers back in the main graph, once each.
+
+    onnx-graphsurgeon exports a body's outer-scope constants as initializers of the body itself
+    (and drops them from the main graph when only bodies read them), so a weight read by the
+    main graph and a Loop body, or by two branches, came out two or three times. Initializers
+    the original bodies declared themselves stay where they are.
+    """
+    graphs = list(iter_graphs(original))
+    main_names = {t.name for t in original.initializer}
+    body_names = {t.name for g in graphs[1:] for t in g.initializer}
+    outer = main_names - body_names
+    have = {t.name for t in out.initializer}
+    for g in list(iter_graphs(out))[1:]:
+        inits = g.initializer
+        for i in reversed(range(len(inits))):
+            name = inits[i].name
+            if name not in outer:
+                continue
+            if name not in have:
+                out.initializer.append(inits[i])
+                have.add(name)
+            del inits[i]
 
 
 def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]) -> None:

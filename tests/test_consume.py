@@ -21,6 +21,7 @@ import lnfuse.api as api
 import lnfuse.io as lio
 from lnfuse import opset as opset_mod
 from lnfuse.graph import _BIG_TENSOR
+from lnfuse.protos import iter_graphs
 
 H = 64
 BIG = _BIG_TENSOR // 4 // H + 8  # rows of a float32 [BIG, H] weight just over the threshold
@@ -160,3 +161,60 @@ def test_failed_opset_raise_returns_the_original(tmp_path: Path, monkeypatch: py
     result = lnfuse.optimize(p)
     assert "forced refusal" in (result.report.opset_note or "")
     _assert_original(result, p)
+
+
+def test_big_weights_read_by_a_body_and_unused_ones(tmp_path: Path) -> None:
+    """Big weights read from inside If branches (outer scope: W by the main graph and a branch,
+    W_body by both branches only) stay in the main graph, once each; an unused big one goes."""
+    model = _model(opset=17)
+    rng = np.random.default_rng(3)
+    model.graph.initializer.append(
+        numpy_helper.from_array((0.01 * rng.standard_normal((BIG, H))).astype(np.float32), "W_body")
+    )
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((BIG, H), np.float32), "W_unused"))
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(True), "flag"))
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W_body"], ["b_out"], name="body_mm")],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, [2, H])],
+    )
+    other = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["o_w"], name="other_mm"),
+            helper.make_node("MatMul", ["x", "W_body"], ["o_b"], name="other_mm_body"),
+            helper.make_node("Add", ["o_w", "o_b"], ["o_out"], name="other_add"),
+        ],
+        "other",
+        [],
+        [helper.make_tensor_value_info("o_out", TensorProto.FLOAT, [2, H])],
+    )
+    model.graph.node.append(
+        helper.make_node("If", ["flag"], ["z"], name="if", then_branch=branch, else_branch=other)
+    )
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, H]))
+    p = _save(tmp_path, model, external=True)
+    by_path = lnfuse.optimize(p)
+    by_proto = lnfuse.optimize(lio.load_model(p))
+    assert by_path.changed
+    a, b = _inits(by_path.model), _inits(by_proto.model)
+    assert a == b
+    assert "W_unused" not in a
+    # Every initializer once, in the main graph where it was (not copied into the branches).
+    for result in (by_path, by_proto):
+        names = [t.name for g in iter_graphs(result.model.graph) for t in g.initializer]
+        assert sorted(names) == sorted(set(names))
+        assert {"W", "W_body"} <= {t.name for t in result.model.graph.initializer}
+    onnx.checker.check_model(by_path.model, full_check=True)
+    x = np.random.default_rng(4).standard_normal((2, BIG)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = [
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )
+        for m in (by_path.model, by_proto.model, lio.load_model(p))
+    ]
+    for got in outs[:2]:
+        for g, want in zip(got, outs[2], strict=True):
+            np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)

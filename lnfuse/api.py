@@ -21,7 +21,7 @@ from lnfuse import opset as opset_mod
 from lnfuse.errors import InputError
 from lnfuse.graph import ModelGraph
 from lnfuse.pipeline import PassContext
-from lnfuse.protos import INFER_LIMIT, copy_fields, iter_nodes, model_nbytes, tensor_nbytes
+from lnfuse.protos import INFER_LIMIT, copy_fields, iter_nodes, serialized_below, tensor_nbytes
 from lnfuse.report import Group, Report
 
 MIN_SUPPORTED_OPSET = 7
@@ -258,17 +258,17 @@ def _full_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker.check_model(full_check=True)``; big models are checked without their weights."""
     from lnfuse import io as lio
 
-    if model_nbytes(model) < INFER_LIMIT:
-        return lio.checker_problem(model)
+    data = serialized_below(model, INFER_LIMIT)
+    if data is not None:
+        return lio.checker_problem(model, data)
     return lio.checker_problem(_without_big_weights(model))
 
 
 def _light_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker`` without the full shape-inference pass (cheap on big models)."""
-    if model_nbytes(model) >= INFER_LIMIT:
-        model = _without_big_weights(model)
+    data = serialized_below(model, INFER_LIMIT)
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(data if data is not None else _without_big_weights(model), full_check=False)
     except Exception as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         return lines[0][:300] if lines else type(err).__name__

@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError, EncodeError, Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 
 from lnfuse.errors import InputError
-from lnfuse.protos import copy_fields, is_repeated, model_nbytes
+from lnfuse.protos import copy_fields, is_repeated, serialized_below
 
 __all__ = [
     "checker_problem",
@@ -624,16 +624,17 @@ def validate_structure(model: ModelProto) -> None:
     _check_graph(model.graph, [], "", 0)
 
 
-def checker_problem(model: ModelProto) -> str | None:
+def checker_problem(model: ModelProto, serialized: bytes | None = None) -> str | None:
     """Run ``onnx.checker.check_model(full_check=True)``; the first line of the error, or None.
 
-    Models too large to serialize in one protobuf (about 2 GB) are checked through a
-    temporary copy saved with external data.
+    ``serialized``: the model's bytes when the caller has them. Models too large to serialize
+    in one protobuf (about 2 GB) are checked through a temporary copy saved with external data.
     """
-    size = model_nbytes(model)
+    if serialized is None:
+        serialized = serialized_below(model, _AUTO_EXTERNAL_BYTES)
     try:
-        if size < _AUTO_EXTERNAL_BYTES:
-            onnx.checker.check_model(model, full_check=True)
+        if serialized is not None:
+            onnx.checker.check_model(serialized, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="lnfuse-check-") as tmp:
                 path = Path(tmp) / "model.onnx"
@@ -963,8 +964,10 @@ def save_model(
                 f"cannot write {out}: tensor {_tensor_label(tensor)} still references external data "
                 "that was not loaded; load the model with its external data first"
             )
+    blob: bytes | None = None
     if external_data is None:
-        external_data = model_nbytes(model) > _AUTO_EXTERNAL_BYTES
+        blob = serialized_below(model, _AUTO_EXTERNAL_BYTES + 1)
+        external_data = blob is None
 
     temps: list[str] = []
 
@@ -986,7 +989,7 @@ def save_model(
                 data_tmp = None
             else:
                 os.chmod(data_tmp, _file_mode_for(data_path))
-        else:
+        elif blob is None:
             blob = _serialize(model, out)
         fd, tmp = new_temp(out.name)
         _write_and_sync(fd, blob)

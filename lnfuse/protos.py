@@ -95,6 +95,23 @@ def model_nbytes(model: onnx.ModelProto) -> int:
         return 1 << 62
 
 
+def serialized_below(model: onnx.ModelProto, limit: int) -> bytes | None:
+    """``model.SerializeToString()`` when it is smaller than ``limit`` bytes, else None.
+
+    One serialization gives both the size and bytes the checker or a file write can use
+    (``ByteSize`` walks the whole message as well). A model with more than 256 MB of weights is
+    sized first, so one over the limit is never serialized for nothing.
+    """
+    weights = sum(tensor_nbytes(t) for t in model.graph.initializer)
+    if weights >= limit or (weights > 256 << 20 and model_nbytes(model) >= limit):
+        return None
+    try:
+        data = model.SerializeToString()
+    except Exception:
+        return None
+    return data if len(data) < limit else None
+
+
 def inferred_or_same(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` after ONNX shape inference, or ``model`` itself when too big or inference fails."""
     if model_nbytes(model) >= INFER_LIMIT:

@@ -878,3 +878,38 @@ def test_file_digest(tmp_path: Path) -> None:
     data = np.random.default_rng(1).bytes(3 * (1 << 20) + 5)
     p = write_bytes(tmp_path / "blob", data)
     assert lio.file_digest(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_external_tensor_without_location_is_one_line_error(tmp_path: Path) -> None:
+    """data_location=EXTERNAL with no ``location`` key (so the file lacks that word, and the
+    external-data walk is skipped): the checker still refuses it in one line; with
+    --allow-invalid nothing half-loaded is ever written."""
+    from click.testing import CliRunner
+
+    from lnfuse.cli import main
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    entry = w.external_data.add()
+    entry.key, entry.value = "offset", "0"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src = tmp_path / "noloc.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert b"location" not in src.read_bytes()
+    before = src.read_bytes()
+    for extra in ([], ["--allow-invalid"]):
+        out = tmp_path / "out.onnx"
+        res = CliRunner().invoke(main, ["optimize", str(src), "-o", str(out), *extra])
+        assert res.exit_code == 2, res.output
+        assert res.output.startswith("lnfuse: error:") and res.output.count("\n") == 1
+        assert "location" in res.output
+        assert not out.exists()
+    assert src.read_bytes() == before

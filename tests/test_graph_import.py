@@ -220,9 +220,9 @@ def test_corner_cases_import_identically() -> None:
     _assert_same(_corner_model())
 
 
-def test_function_bodies_import_identically() -> None:
-    f = TensorProto.FLOAT
-    fn = helper.make_function(
+def _twice_function() -> onnx.FunctionProto:
+    """A local function ``local.Twice(a) = a + a``."""
+    return helper.make_function(
         "local",
         "Twice",
         ["a"],
@@ -230,6 +230,11 @@ def test_function_bodies_import_identically() -> None:
         [helper.make_node("Add", ["a", "a"], ["b"])],
         [helper.make_opsetid("", 17)],
     )
+
+
+def test_function_bodies_import_identically() -> None:
+    f = TensorProto.FLOAT
+    fn = _twice_function()
     graph = helper.make_graph(
         [helper.make_node("Twice", ["x"], ["y"], name="call", domain="local")],
         "with_function",
@@ -271,14 +276,7 @@ def test_importer_signature_mismatch_falls_back(monkeypatch: pytest.MonkeyPatch)
 def test_functions_and_bodies_import_identically() -> None:
     """A local function and If branches in one model: function lists are shared the same way."""
     model = _corner_model()
-    fn = helper.make_function(
-        "local",
-        "Twice",
-        ["a"],
-        ["b"],
-        [helper.make_node("Add", ["a", "a"], ["b"])],
-        [helper.make_opsetid("", 17)],
-    )
+    fn = _twice_function()
     model.functions.append(fn)
     model.opset_import.append(helper.make_opsetid("local", 1))
     model.graph.node.append(helper.make_node("Twice", ["y2"], ["y3"], name="call", domain="local"))

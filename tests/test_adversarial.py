@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx.inliner
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
@@ -81,6 +82,7 @@ def test_graph_inputs_are_kept_when_something_else_is_rewritten() -> None:
     assert np.all(_sess(r.model).run(["w_out"], feeds)[0] == 7)
 
 
+@pytest.mark.needs_opset(23)
 def test_gridsample_modes_are_renamed_when_the_opset_passes_20() -> None:
     nodes = [
         oh.make_node("Mul", ["x", "x"], ["q"]),

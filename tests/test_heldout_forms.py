@@ -64,6 +64,7 @@ def _equal(
         assert np.max(np.abs(u64 - v64)) <= rtol * max(1.0, float(np.max(np.abs(u64))))
 
 
+@pytest.mark.needs_opset(23)
 def test_t5_fp16_rmsnorm_with_duplicate_casts() -> None:
     nodes = [
         h.make_node("Cast", ["x"], ["xf"], to=TP.FLOAT),

@@ -148,4 +148,5 @@ def test_target_opset_18_converts_reduce_axes() -> None:
 
 def test_min_ir_version() -> None:
     assert opset_mod.min_ir_version(17) == 8
-    assert opset_mod.min_ir_version(23) == 11
+    if onnx.defs.onnx_opset_version() >= 23:
+        assert opset_mod.min_ir_version(23) == 11

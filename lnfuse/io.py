@@ -432,8 +432,15 @@ def _file_key(p: Path) -> tuple[str, int, int] | None:
         return None
 
 
-def _locations(model: ModelProto) -> list[str]:
-    return _locations_of(t for t in _all_tensors(model) if _is_external(t))
+def _file_locations(p: Path) -> list[str]:
+    """External-data locations the model file ``p`` names, parsed (and remembered) when not known:
+    the walk over every tensor runs only when the file contains the word at all."""
+    known = _known_locations(p)
+    if known is None:
+        model, maybe_external = _read_proto_flagged(p)
+        known = _locations_of(t for t in _all_tensors(model) if _is_external(t)) if maybe_external else []
+        _remember_locations(p, known)
+    return known
 
 
 def _locations_of(external: Iterable[TensorProto]) -> list[str]:
@@ -692,7 +699,7 @@ def _input_data_files(inp: Path) -> list[Path]:
         try:
             if not inp.is_file() or inp.stat().st_size > _SCAN_INPUT_BYTES:
                 return []
-            known = _locations(_read_proto(inp))
+            known = _file_locations(inp)
         except (InputError, OSError):
             return []
     return [inp.parent / loc for loc in known]

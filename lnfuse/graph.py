@@ -23,9 +23,10 @@ in the number of nodes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -774,23 +775,37 @@ def _import_quietly(model: onnx.ModelProto) -> gs.Graph:
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
     from onnx_graphsurgeon.logger import G_LOGGER
 
-    verbose = G_LOGGER.verbose
-    stock = OnnxImporter.__dict__["import_node"]
-    stock_merge = gs.Graph.__dict__["_merge_subgraph_functions"]
-    stock_np_type = onnx_importer.get_numpy_type
-    G_LOGGER.verbose = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    patches: list[tuple[object, str, object]] = [(G_LOGGER, "verbose", lambda *args, **kwargs: None)]
     if _fast_import_ok():
         _IMPORT_SAW_SUBGRAPH[0] = False
-        OnnxImporter.import_node = staticmethod(_fast_import_node)  # type: ignore[method-assign]
-        gs.Graph._merge_subgraph_functions = _merge_if_needed  # type: ignore[method-assign]
-        onnx_importer.get_numpy_type = _memoized(stock_np_type)
-    try:
+        patches += [
+            (OnnxImporter, "import_node", staticmethod(_fast_import_node)),
+            (gs.Graph, "_merge_subgraph_functions", _merge_if_needed),
+            (onnx_importer, "get_numpy_type", _memoized(onnx_importer.get_numpy_type)),
+        ]
+    with _patched(patches):
         return gs.import_onnx(model)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[object, str, object]]) -> Iterator[None]:
+    """Set ``owner.name = value`` for each patch while the block runs, then put back exactly what
+    was there (an attribute the owner did not hold itself, e.g. a method, is removed again)."""
+    saved = []
+    for owner, name, value in patches:
+        saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        setattr(owner, name, value)
+    try:
+        yield
     finally:
-        G_LOGGER.verbose = verbose  # type: ignore[method-assign]
-        OnnxImporter.import_node = stock  # type: ignore[method-assign]
-        gs.Graph._merge_subgraph_functions = stock_merge  # type: ignore[method-assign]
-        onnx_importer.get_numpy_type = stock_np_type
+        for owner, name, old in reversed(saved):
+            if old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
 
 
 def _memoized(fn: Callable[[object], object]) -> Callable[[object], object]:
@@ -831,15 +846,11 @@ def _export_quickly(graph: gs.Graph) -> onnx.ModelProto:
     (and without its opset_import, which the caller sets from the original model)."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-    stock = OnnxExporter.__dict__["export_node"]
-    if _fast_import_ok():
-        OnnxExporter.export_node = staticmethod(_fast_export_node)  # type: ignore[method-assign]
-    try:
+    fast = _fast_import_ok()
+    with _patched([(OnnxExporter, "export_node", staticmethod(_fast_export_node))] if fast else []):
         # opset_imports given: onnx-graphsurgeon would otherwise crawl every node for domains;
         # ModelGraph.export replaces the model-level fields with the original's anyway.
         return gs.export_onnx(graph, do_type_check=False, opset_imports=[])
-    finally:
-        OnnxExporter.export_node = stock  # type: ignore[method-assign]
 
 
 def _fast_export_node(node: gs.Node) -> onnx.NodeProto:

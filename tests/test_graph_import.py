@@ -281,3 +281,28 @@ def test_functions_and_bodies_import_identically() -> None:
     model.opset_import.append(helper.make_opsetid("local", 1))
     model.graph.node.append(helper.make_node("Twice", ["y2"], ["y3"], name="call", domain="local"))
     _assert_same(model)
+
+
+def test_import_and_export_leave_onnx_graphsurgeon_as_they_found_it() -> None:
+    """The fast paths patch onnx-graphsurgeon only while they run, and put everything back."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+    from onnx_graphsurgeon.importers import onnx_importer
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    before = (
+        OnnxImporter.__dict__["import_node"],
+        OnnxExporter.__dict__["export_node"],
+        gs.Graph.__dict__["_merge_subgraph_functions"],
+        onnx_importer.get_numpy_type,
+        "verbose" in vars(G_LOGGER),
+    )
+    lgraph._export_quickly(_import(_corner_model(), True))
+    after = (
+        OnnxImporter.__dict__["import_node"],
+        OnnxExporter.__dict__["export_node"],
+        gs.Graph.__dict__["_merge_subgraph_functions"],
+        onnx_importer.get_numpy_type,
+        "verbose" in vars(G_LOGGER),
+    )
+    assert all(a is b for a, b in zip(before, after, strict=True))

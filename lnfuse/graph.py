@@ -532,13 +532,6 @@ class ModelGraph:
             self.reindex()
         return changed
 
-    def _transplant(self, out: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
-        """``export(consume=True)``: the original ModelProto, rewritten to equal ``out``."""
-        graph_doc = self.model.graph.doc_string
-        _transplant_graph(self.model.graph, out.graph, keep)
-        self.model.graph.doc_string = graph_doc
-        return self.model
-
     def export(self, *, consume: bool = False) -> onnx.ModelProto:
         """A new ModelProto: every field of the original, with the rewritten graph.
 
@@ -593,8 +586,9 @@ class ModelGraph:
                         continue  # stays where it is, in the consumed model
                     if src is not None and init.ByteSize() < 4096:
                         init.CopyFrom(src)
-        if main_big:
-            return self._transplant(out, main_big)
+        if main_big:  # the original ModelProto, rewritten to equal the export
+            _transplant_graph(self.model.graph, out.graph, main_big)
+            return self.model
         graph_doc = self.model.graph.doc_string
         copy_fields(out, self.model, {"graph"}, clear=True)
         out.graph.doc_string = graph_doc
@@ -669,8 +663,9 @@ def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]
     """Make ``dst`` (the input's main graph) equal to ``src`` (the export, with data-less stubs
     for the initializers named in ``keep``), leaving ``dst``'s own ``keep`` initializers in place.
 
-    Graph inputs stay as they are (the export restores the originals anyway); every other field
-    is replaced. Initializer order: the kept ones first (in their old order), then the rest.
+    Graph inputs and doc string stay as they are (the export keeps the originals anyway); every
+    other field is replaced. Initializer order: the kept ones first (in their old order), then
+    the rest.
     """
     inits = dst.initializer
     wanted = {t.name for t in src.initializer}
@@ -685,7 +680,7 @@ def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]
         del inits[0:end]
     seen = {t.name for t in inits}
     inits.extend(t for t in src.initializer if t.name not in seen)
-    copy_fields(dst, src, {"initializer", "input"}, clear=True)
+    copy_fields(dst, src, {"initializer", "input", "doc_string"}, clear=True)
 
 
 def _has_dead_nodes(graph: gs.Graph) -> bool:

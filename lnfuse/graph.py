@@ -168,11 +168,9 @@ class ModelGraph:
             for node in g.nodes:
                 self._node_view[id(node)] = view
                 for attr_name, value in node.attrs.items():
-                    subs = value if isinstance(value, list) else [value]
-                    for sub in subs:
-                        if isinstance(sub, gs.Graph):
-                            label = node.name or node.op
-                            stack.append((sub, f"{path}/{label}:{attr_name}", view))
+                    for sub in _attr_graphs(value):
+                        label = node.name or node.op
+                        stack.append((sub, f"{path}/{label}:{attr_name}", view))
         self._all_output_ids = set().union(*(v.output_ids for v in self.views))
         self._const_cache.clear()
         self._dtype_cache.clear()
@@ -693,10 +691,13 @@ def _has_dead_nodes(graph: gs.Graph) -> bool:
             if node.outputs and all(not t.outputs and id(t) not in outs for t in node.outputs):
                 return True
             for value in node.attrs.values():
-                for sub in value if isinstance(value, list) else [value]:
-                    if isinstance(sub, gs.Graph):
-                        stack.append(sub)
+                stack.extend(_attr_graphs(value))
     return False
+
+
+def _attr_graphs(value: object) -> list[gs.Graph]:
+    """The graphs an imported attribute value holds (a body, or a list of them)."""
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, gs.Graph)]
 
 
 def _norm_dim(d: object) -> Dim:
@@ -1019,10 +1020,7 @@ def _fast_import_node(
         attrs = _OnnxImporter.import_attributes(
             onnx_node.attribute, tensor_map, subgraph_tensor_map, opset, import_domains
         )
-        if not _IMPORT_SAW_SUBGRAPH[0] and any(
-            isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(x, gs.Graph) for x in v))
-            for v in attrs.values()
-        ):
+        if not _IMPORT_SAW_SUBGRAPH[0] and any(_attr_graphs(v) for v in attrs.values()):
             _IMPORT_SAW_SUBGRAPH[0] = True
     else:
         attrs = OrderedDict()

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from lnfuse.graph import FLOAT_TYPES, ModelGraph, new_node, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
+from lnfuse.symbolic import equal_arrays
 
 TP = onnx.TensorProto
 SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
@@ -570,12 +571,7 @@ def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | 
         if not isinstance(c, gs.Constant):
             continue
         val = mg.const_value(c)
-        if (
-            val is not None
-            and val.dtype == arr.dtype
-            and val.shape == arr.shape
-            and (val.tobytes() == arr.tobytes() or np.array_equal(val, arr))
-        ):
+        if val is not None and val.dtype == arr.dtype and val.shape == arr.shape and equal_arrays(val, arr):
             return c.name
     return None
 

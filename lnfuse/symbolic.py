@@ -49,6 +49,11 @@ def _nonzero(c: Coef) -> bool:
     return c != 0.0 if isinstance(c, float) else np.count_nonzero(c) > 0
 
 
+def equal_arrays(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.array_equal``, answered from the raw bytes first (the usual case: the very same values)."""
+    return a.tobytes() == b.tobytes() or np.array_equal(a, b)
+
+
 def _coef(arr: np.ndarray) -> Coef:
     """A single-element coefficient becomes a float; its shape is checked on the graph's constants."""
     return float(arr.reshape(-1)[0]) if arr.size == 1 else arr
@@ -103,16 +108,6 @@ class Sym:
     def __init__(self, terms: dict[Monomial, Coef], flags: frozenset[str] = frozenset()) -> None:
         self.terms = terms
         self.flags = flags
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Sym)
-            and self.terms.keys() == other.terms.keys()
-            and self.flags == other.flags
-            and all(np.array_equal(c, other.terms[m]) for m, c in self.terms.items())
-        )
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"Sym({self.terms!r}, {set(self.flags) or ''})"
@@ -387,11 +382,7 @@ def as_norm(s: Sym, ctx: Context) -> NormForm | None:
         # Equal up to products of constants evaluated in another order.
         if g_b is not None:
             neg = -g_b
-            if (
-                gm_b.tobytes() != neg.tobytes()
-                and not np.array_equal(gm_b, neg)
-                and not np.allclose(gm_b, neg, rtol=1e-12, atol=0.0)
-            ):
+            if not equal_arrays(gm_b, neg) and not np.allclose(gm_b, neg, rtol=1e-12, atol=0.0):
                 return None
     else:
         if bias is not None or len(s.terms) != 1:

@@ -518,7 +518,7 @@ class Walker:
         # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
         # Purity is tested from the deepest down, and only as far as needed.
         first_pure = next(
-            (i for i, t in enumerate(deep) if (f := form_of(t)) is not None and self._pure(f, values, x, t)),
+            (i for i, t in enumerate(deep) if (f := form_of(t)) is not None and self._pure(f, t)),
             None,
         )
         seq = deep if first_pure is None else deep[first_pure:]
@@ -530,7 +530,7 @@ class Walker:
             form = form_of(t)
             if form is None:
                 continue
-            if first_pure is not None and not self._pure(form, values, x, t):
+            if first_pure is not None and not self._pure(form, t):
                 continue
             cone, consts, why = self._cone(x, t, values)
             if why:
@@ -732,7 +732,7 @@ class Walker:
         src, dst = self.mg.dtype(p.inputs[0]), self.mg.dtype(t)
         return src in rank and dst in rank and rank[dst] > rank[src]
 
-    def _pure(self, form: S.NormForm, values: dict[int, S.Sym], x: gs.Tensor, t: gs.Tensor) -> bool:
+    def _pure(self, form: S.NormForm, t: gs.Tensor) -> bool:
         """Scale and bias are original constants of the match (up to sign; a scale up to a factor).
 
         Only a preference between nested complete outputs (LN -> Add(beta) -> Add(shift)

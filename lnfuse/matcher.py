@@ -174,7 +174,8 @@ class Walker:
         self.mg = mg
         self._const_sym: dict[int, S.Sym | None] = {}
         self._const_keys: dict[int, tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None] = {}
-        self._cone_cache: dict[tuple[int, int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
+        # Per walk (reset by walk(): a cone depends on that walk's values).
+        self._cone_cache: dict[tuple[int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
         self._alias_ids: set[int] = set()
         self._cone_consts: dict[int, tuple[gs.Tensor, ...]] = {}
 
@@ -252,6 +253,7 @@ class Walker:
         # repeats): what the purity preference compares scale and bias against.
         cone_consts: dict[int, tuple[gs.Tensor, ...]] = {}
         self._cone_consts = cone_consts
+        self._cone_cache = {}
         queue: list[gs.Tensor] = [x, *(a.outputs[0] for a in aliases)]
         evals = 0
         qi = 0
@@ -780,12 +782,12 @@ class Walker:
     def _cone(
         self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
     ) -> tuple[list[gs.Node], list[gs.Tensor], str]:
-        """Nodes between ``x`` and ``t`` (graph order), the constants they read, or a reason (cached)."""
-        key = (id(x), id(t), id(values))
+        """Nodes between ``x`` and ``t`` (graph order), the constants they read, or a reason (cached
+        for the current walk)."""
+        key = (id(x), id(t))
         hit = self._cone_cache.get(key)
         if hit is None:
-            hit = self._cone_uncached(x, t, values)
-            self._cone_cache = {key: hit} if len(self._cone_cache) > 64 else {**self._cone_cache, key: hit}
+            hit = self._cone_cache[key] = self._cone_uncached(x, t, values)
         return hit
 
     def _cone_uncached(

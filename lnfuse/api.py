@@ -183,15 +183,11 @@ def _optimize(
     # instead of being copied (see ModelGraph.export). A failure below re-reads the input.
     consume = not isinstance(model, onnx.ModelProto)
     out = mg.export(consume=consume)
-    if out is proto:
+    consumed = out is proto
 
-        def original() -> onnx.ModelProto:
-            return _load(model)[0]
-
-    else:
-
-        def original() -> onnx.ModelProto:
-            return proto
+    def original() -> onnx.ModelProto:
+        """The input as it was (re-read from its file when the export was built in it)."""
+        return _load(model)[0] if consumed else proto
 
     need = max(
         [

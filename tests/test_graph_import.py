@@ -290,19 +290,15 @@ def test_import_and_export_leave_onnx_graphsurgeon_as_they_found_it() -> None:
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
     from onnx_graphsurgeon.logger import G_LOGGER
 
-    before = (
-        OnnxImporter.__dict__["import_node"],
-        OnnxExporter.__dict__["export_node"],
-        gs.Graph.__dict__["_merge_subgraph_functions"],
-        onnx_importer.get_numpy_type,
-        "verbose" in vars(G_LOGGER),
-    )
+    def state() -> tuple[object, ...]:
+        return (
+            OnnxImporter.__dict__["import_node"],
+            OnnxExporter.__dict__["export_node"],
+            gs.Graph.__dict__["_merge_subgraph_functions"],
+            onnx_importer.get_numpy_type,
+            "verbose" in vars(G_LOGGER),
+        )
+
+    before = state()
     lgraph._export_quickly(_import(_corner_model(), True))
-    after = (
-        OnnxImporter.__dict__["import_node"],
-        OnnxExporter.__dict__["export_node"],
-        gs.Graph.__dict__["_merge_subgraph_functions"],
-        onnx_importer.get_numpy_type,
-        "verbose" in vars(G_LOGGER),
-    )
-    assert all(a is b for a, b in zip(before, after, strict=True))
+    assert all(a is b for a, b in zip(before, state(), strict=True))

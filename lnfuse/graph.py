@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto as TP
 from onnx import helper
 
+from lnfuse import shapes
 from lnfuse.protos import copy_fields, inferred_or_same, iter_graphs, tensor_nbytes
 
 Dim = int | str | None
@@ -73,7 +74,8 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 _BIG_TENSOR = 1 << 20  # bytes: initializers above this are exported without an intermediate copy
 _FOLDABLE = frozenset(
     {"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Shape", "Gather", "ReduceProd"}
-    | {"Add", "Sub", "Mul", "Div"}
+    | {"Add", "Sub", "Mul", "Div", "Neg"}
+    | shapes.SHAPE_OPS
 )
 
 
@@ -229,16 +231,8 @@ class ModelGraph:
         """Value of a small node applied to constants: what exporters put around eps/gamma, and
         the ``N`` of an unbiased variance computed from ``Shape`` (static dims only)."""
         op = node.op
-        if op == "Shape":
-            shape = self.shape(node.inputs[0])
-            if (
-                shape is None
-                or not all(isinstance(d, int) for d in shape)
-                or node.attrs.get("start")
-                or node.attrs.get("end") is not None
-            ):
-                return None
-            return np.asarray(shape, dtype=np.int64)
+        if op in shapes.SHAPE_OPS and not (op == "Gather" and _is_shape_gather(node)):
+            return shapes.fold(self, node, depth)
         if op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
             # Gather(Shape(t), i) needs only the gathered dims to be static.
             idx = self.const_value(node.inputs[1], depth + 1)
@@ -272,6 +266,8 @@ class ModelGraph:
         try:
             if op == "Identity":
                 return src
+            if op == "Neg":
+                return None if src.dtype.kind not in "if" else np.negative(src)
             if op == "Cast":
                 to = int(node.attrs.get("to", 0))
                 if to not in FLOAT_TYPES or to == onnx.TensorProto.BFLOAT16 or src.dtype.kind not in "fiu":
@@ -679,6 +675,11 @@ def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]
     seen = {t.name for t in inits}
     inits.extend(t for t in src.initializer if t.name not in seen)
     copy_fields(dst, src, {"initializer", "input", "doc_string"}, clear=True)
+
+
+def _is_shape_gather(node: gs.Node) -> bool:
+    src = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
+    return src is not None and src.op == "Shape"
 
 
 def _has_dead_nodes(graph: gs.Graph) -> bool:

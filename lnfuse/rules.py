@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from lnfuse import shapes
 from lnfuse.graph import FLOAT_TYPES, ModelGraph, new_node, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
 from lnfuse.symbolic import equal_arrays
@@ -56,6 +57,9 @@ class NormParams:
     flags: frozenset[str]
     pre_cast: int | None = None  # Cast the source to this type before the norm
     side_flatten_axis: int | None = None  # Mean/InvStdDev outputs reused, flattened back at this axis
+    # Kinds ("mean", "inv_std") whose only reader is a Reshape to the op's own Mean/InvStdDev shape:
+    # that Reshape's output comes straight from the fused op (no Flatten, no Reshape).
+    side_direct: tuple[str, ...] = ()
     scale_source: str | None = None  # name of an original initializer reused as Scale
     bias_source: str | None = None
 
@@ -304,7 +308,9 @@ class NormRule:
         else:
             # A 16-bit Cast island: read the 16-bit tensor directly when the result goes back to it.
             src = mg.producer(x)
-            if (
+            if _noop_cast(mg, src, x, cand):
+                cand.source, cand.prefix = src.inputs[0], [src]  # Cast(x, to=x's own type): read x
+            elif (
                 src is not None
                 and src.op == "Cast"
                 and xdt == TP.FLOAT
@@ -356,6 +362,7 @@ class NormRule:
         # sandwich) gets them from LayerNormalization's own optional outputs; anywhere else the
         # intermediate is left alone, as the user's graph asked for it.
         side_axis: int | None = None
+        side_direct: tuple[str, ...] = ()
         if cand.side_outputs:
             kind0, t0 = cand.side_outputs[0]
             flatten = cand.prefix[0] if cand.prefix and cand.prefix[0].op == "Flatten" else None
@@ -368,7 +375,15 @@ class NormRule:
                         f"the {kind} '{t.name}' is read outside the match in a type the fused op cannot give"
                     )
             side_axis = int(flatten.attrs.get("axis", 1))
+            side_direct = _direct_side_reshapes(mg, cand, axis)
             flags.add("mean_invstd_reused")
+        if dtype == TP.DOUBLE and xdt == TP.DOUBLE:
+            # stash_type may only be float or bfloat16: a stash_type=11 node is not standard ONNX
+            # (onnx.reference refuses it), and float32 statistics would not reproduce fp64 ones.
+            return refuse(
+                "float64 statistics: the standard op computes them in float32 or bfloat16 only "
+                "(stash_type=11 is not ONNX), so a float64 norm is left as it is"
+            )
         if "fp16_square" in flags:
             flags.add("fp16_overflow_prone")
         return NormParams(
@@ -386,6 +401,7 @@ class NormRule:
             out_cast=None if tdt_final == dtype else tdt_final,
             pre_cast=pre_cast,
             side_flatten_axis=side_axis,
+            side_direct=side_direct,
             perm=perm,
             pattern=pattern_label(cand, mg, flags),
             flags=frozenset(flags),
@@ -434,14 +450,17 @@ class NormRule:
         extra: dict[str, gs.Tensor] = {}
         if side and params.side_flatten_axis is not None:
             stash = np.float64 if params.stash_type == 11 else np.float32
-            extra = {kind: gs.Variable(name(f"lnfuse_{kind}"), dtype=stash) for kind, _ in side}
+            extra = {
+                kind: t if kind in params.side_direct else gs.Variable(name(f"lnfuse_{kind}"), dtype=stash)
+                for kind, t in side
+            }
             outs += [extra.get("mean", gs.Variable.empty()), extra.get("inv_std", gs.Variable.empty())]
             while outs and outs[-1].is_empty():
                 outs.pop()
         nodes.append(new_node(params.op, name(f"lnfuse/{params.op}"), attrs, ins, outs))
         stash_type = TP.DOUBLE if params.stash_type == 11 else TP.FLOAT
         for kind, t in side or []:
-            if kind in extra:
+            if kind in extra and kind not in params.side_direct:
                 step("Flatten", {"axis": params.side_flatten_axis}, extra[kind], t, stash_type)
         cur = norm_out
         if params.perm is not None:
@@ -469,6 +488,15 @@ class NormRule:
         scale_t = _find_const(cand, params.scale_source)
         bias_t = _find_const(cand, params.bias_source)
         side = list(cand.side_outputs) if params.side_flatten_axis is not None else None
+        if side and params.side_direct:
+            inside = {id(n) for n in replaced}
+            direct = {
+                kind: next(c for c in t.outputs if id(c) not in inside and c.op == "Reshape")
+                for kind, t in side
+                if kind in params.side_direct
+            }
+            replaced += list(direct.values())
+            side = [(kind, direct[kind].outputs[0] if kind in direct else t) for kind, t in side]
         mg.detach(replaced)
         new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t, side)
         mg.replace(cand.view, replaced, anchor, new_nodes)
@@ -542,6 +570,44 @@ def _sandwich(
         if int(np.prod(x0_shape[j:])) == n:  # type: ignore[arg-type]
             return x0, prefix, suffix, back.outputs[0], tuple(range(j - r, 0))
     return "reshaped rows regroup the input's axes (GroupNorm-like), not a layer norm of the input"
+
+
+def _direct_side_reshapes(mg: ModelGraph, cand: Candidate, axis: int) -> tuple[str, ...]:
+    """Side outputs whose one reader is ``Reshape(t, shape)`` with ``shape`` equal (for any value of
+    the dynamic dims) to LayerNormalization's Mean / InvStdDev shape for the source: ``x0.shape`` with
+    the normalized axes set to 1. ONNX's function body computes that shape from Shape / Size / Slice /
+    Sub / ConstantOfShape / Concat."""
+    source = cand.source if cand.source is not None else cand.x
+    x_shape = mg.shape(source)
+    if x_shape is None:
+        return ()
+    rank = len(x_shape)
+    first = axis + rank if axis < 0 else axis
+    want: list[shapes.Term] = [
+        d if isinstance(d, int) else shapes.DimRef(id(source), i) for i, d in enumerate(x_shape[:first])
+    ] + [1] * (rank - first)
+    out = []
+    inside = {id(n) for n in (*cand.nodes, *cand.side_nodes)}
+    for kind, t in cand.side_outputs:
+        readers = [c for c in t.outputs if id(c) not in inside]
+        if mg.is_graph_output(t) or len(readers) != 1:
+            continue
+        r = readers[0]
+        if r.op != "Reshape" or r.domain or r.inputs[0] is not t or len(r.inputs) < 2:
+            continue
+        if int(r.attrs.get("allowzero", 0)) or shapes.dims(mg, r.inputs[1]) != want:
+            continue
+        out.append(kind)
+    return tuple(out)
+
+
+def _noop_cast(mg: ModelGraph, src: gs.Node | None, x: gs.Tensor, cand: Candidate) -> bool:
+    """``x = Cast(s, to=type of s)`` and only the match reads ``x``: the Cast changes nothing."""
+    if src is None or src.op != "Cast" or src.domain or not src.inputs or mg.is_graph_output(x):
+        return False
+    inside = {id(n) for n in cand.nodes}
+    same = mg.dtype(src.inputs[0]) == mg.dtype(x) and mg.dtype(x) in FLOAT_TYPES
+    return same and all(id(c) in inside for c in x.outputs)
 
 
 def _through(mg: ModelGraph, t: gs.Tensor) -> gs.Node | None:

@@ -164,10 +164,13 @@ def test_fp16_island_reads_fp16_directly() -> None:
     assert next(a.i for a in ln.attribute if a.name == "stash_type") == 1
 
 
-def test_float64_uses_double_statistics() -> None:
-    result = lnfuse.optimize(patterns.ALL["eps_float64_graph"].build())
-    (ln,) = [n for n in result.model.graph.node if n.op_type == "LayerNormalization"]
-    assert next(a.i for a in ln.attribute if a.name == "stash_type") == TP.DOUBLE
+def test_float64_statistics_are_left_unfused_with_a_reason() -> None:
+    """stash_type may only be float/bfloat16: a double LN has no standard, exact fused form."""
+    model = patterns.ALL["neg_float64_statistics"].build()
+    result = lnfuse.optimize(model)
+    assert not result.changed and result.model is model
+    (refusal,) = result.report.refusals
+    assert "float64 statistics" in refusal.reason
 
 
 def test_channels_first_adds_transposes_and_says_so() -> None:

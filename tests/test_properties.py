@@ -511,6 +511,11 @@ class _Builder:
             self.extra_outputs.append(helper.make_tensor_value_info(t, cdt, [None] * rank))
         return y, cdt
 
+    @staticmethod
+    def double_stats(b: LNBlock, dt: int) -> bool:
+        """The block computes its statistics in float64 (what lnfuse leaves unfused)."""
+        return (_ISLAND[dt] if b.island else dt) == F64
+
     def build(self) -> Built:
         spec = self.spec
         dt = spec.dtype
@@ -529,6 +534,7 @@ class _Builder:
                     and isinstance(prev, LNBlock)
                     and prev.mutation is None
                     and not prev.beta
+                    and not self.double_stats(prev, dt)
                 ):
                     # Policy: an Add right after a beta-less LN is taken as its beta; when that
                     # constant varies along a non-normalized axis the whole match is refused (as a
@@ -539,7 +545,9 @@ class _Builder:
             cur, cdt = self.ln(cur, b, dt)
             dtypes.add(cdt)
             one_pass = one_pass or b.variance.startswith("one_pass")
-            if b.mutation is None:
+            if b.mutation is None and self.double_stats(b, dt):
+                pass  # float64 statistics: the standard op has no fp64 stash_type, left unfused (#11)
+            elif b.mutation is None:
                 genuine += 1
             elif b.mutation == "gamma_bad_axis" and (b.style == "plain" or b.affine_after_cast):
                 # (x - mean) / std alone is an affine-free LayerNorm: fusing it is correct, the

@@ -44,11 +44,14 @@ ALGEBRA_OPS = frozenset(
         "Pow",
         "ReduceMean",
         "ReduceSum",
+        "ReduceSumSquare",
+        "GlobalAveragePool",
         "Unsqueeze",
         "Reshape",
     }
 )
-REDUCE_OPS = ("ReduceMean", "ReduceSum")
+REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
+SUM_OPS = ("ReduceSum", "ReduceSumSquare")  # a sum over the normalized axes, not a mean
 SQUEEZED = "squeezed"  # flag: a keepdims=0 reduction, not yet unsqueezed
 
 
@@ -128,7 +131,15 @@ def _candidate(
 
 
 def reduce_axes(mg: ModelGraph, node: gs.Node) -> tuple[list[int] | None, bool]:
-    """``(axes, ok)`` of a Reduce node: attribute (opset < 18) or constant input; None axes = all."""
+    """``(axes, ok)`` of a Reduce node: attribute (opset < 18) or constant input; None axes = all.
+
+    ``GlobalAveragePool`` is the mean over axes ``2 .. rank-1`` (tf2onnx writes it for such a
+    ReduceMean), known once the input's rank is."""
+    if node.op == "GlobalAveragePool":
+        shape = mg.shape(node.inputs[0])
+        if shape is None or len(shape) < 3:
+            return None, False
+        return list(range(2, len(shape))), True
     if len(node.inputs) > 1 and node.inputs[1].name:
         val = mg.const_value(node.inputs[1])
         if val is None:
@@ -200,8 +211,8 @@ class Walker:
                     # the square's operand, and the square itself is never proposed.
                     xs = [node.inputs[0]]
                     src = self.mg.producer(node.inputs[0])
-                    square_of = None
-                    if src is not None and not src.domain:
+                    square_of = node.inputs[0] if op == "ReduceSumSquare" else None
+                    if square_of is None and src is not None and not src.domain:
                         if src.op == "Mul" and len(src.inputs) == 2 and src.inputs[0] is src.inputs[1]:
                             square_of = src.inputs[0]
                         elif src.op == "Pow" and len(src.inputs) == 2:
@@ -430,10 +441,11 @@ class Walker:
                 naxes = normalize_axes(raw_axes, len(shape) if shape is not None else None)
             if naxes != axes:
                 return None, f"{op} over axes {raw_axes}, not the normalized axes {list(axes)}"
-            res = S.reduce_mean(ins[0])
+            arg = S.mul(ins[0], ins[0]) if op == "ReduceSumSquare" else ins[0]
+            res = None if arg is None else S.reduce_mean(arg)
             if res is None:
                 return None, f"{op} of a value that is not linear in x and x**2"
-            if op == "ReduceSum":
+            if op in SUM_OPS:
                 if not self._n_norm_done:
                     self._n_norm_done = True
                     ctx.n_norm = self._norm_count(*self._n_norm_args)
@@ -526,6 +538,7 @@ class Walker:
         seq = deep if first_pure is None else deep[first_pure:]
         last_reason = ""
         last_nodes: list[str] = []
+        leaked_before_first = False  # a deeper complete norm did not close (shared with another?)
         for t in seq:
             if t.inputs and id(t.inputs[0]) in claimed:
                 continue  # inside a match already taken
@@ -598,6 +611,7 @@ class Walker:
             if leak:
                 if not last_reason:
                     last_reason, last_nodes = leak, [node_label(n) for n in cone]
+                leaked_before_first = leaked_before_first or not result.candidates
                 continue
             views = {id(mg.view_of(n)) for n in cone}
             if len(views) != 1:
@@ -611,12 +625,16 @@ class Walker:
             cand.side_outputs = list(side.values())
             cand.side_nodes = side_nodes
             result.candidates.append(cand)
-        if not result.candidates:
+        if not result.candidates or leaked_before_first:
             complete = [(t, f) for t in reversed(seq) if (f := form_of(t)) is not None]
             if len(complete) >= 2:
-                # Exporters (CSE) share the mean, the centred value and the variance between two
-                # norms of one input; together the two matches close even though neither does alone.
-                result.candidates.extend(self._group(x, axes, rank, complete, values))
+                # Exporters (CSE) share the mean, the centred value, the variance and even the
+                # normalized value between two norms of one input, each with its own gamma/beta;
+                # together the matches close even though neither does alone. A group of two or more
+                # wins over one shallower norm that leaves both affine tails outside.
+                group = self._group(x, axes, rank, complete, values)
+                if group:
+                    result.candidates = group
         if not result.candidates and self._looks_like_ln(ctx, values, failures):
             # It computed a variance-like statistic but never became a normalization.
             if not last_reason:
@@ -643,7 +661,7 @@ class Walker:
         """The walk computed a variance-like statistic (so a refusal is worth reporting)."""
         has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
         stats_failure = has_mean and any(
-            n.op in ("Pow", "Sqrt", "Reciprocal", "Div", "ReduceMean", "ReduceSum") for n, _ in failures
+            n.op in ("Pow", "Sqrt", "Reciprocal", "Div", *REDUCE_OPS) for n, _ in failures
         )
         keepdims_failure = any("keepdims" in why for _, why in failures)
         return (

@@ -626,7 +626,7 @@ def _is_centred(mg: ModelGraph, t: gs.Tensor) -> bool:
     if p is None or p.op != "Sub" or len(p.inputs) != 2:
         return False
     q = _through(mg, p.inputs[1])
-    return q is not None and q.op in ("ReduceMean", "ReduceSum")
+    return q is not None and q.op in ("ReduceMean", "ReduceSum", "GlobalAveragePool")
 
 
 def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | None:

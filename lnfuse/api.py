@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from lnfuse import anchors as anchors_mod
 from lnfuse import opset as opset_mod
 from lnfuse.errors import InputError
 from lnfuse.graph import ModelGraph
@@ -156,6 +157,7 @@ def _optimize(
 
         ctx.prover = Prover(old or 17)
     modified = False
+    anchors = anchors_mod.snapshot(mg)
     for pass_cls in passes if passes is not None else DEFAULT_PASSES:
         p = pass_cls()
         if not p.enabled(ctx):
@@ -165,6 +167,7 @@ def _optimize(
         _mg, changed = p(mg, ctx)
         report.timings[f"pass:{p.name}"] = time.perf_counter() - t_p
         modified = modified or changed
+    report.left_alone = anchors_mod.left_alone(anchors, report, ctx.anchor_notes)
     if ctx.prover is not None:
         report.proofs_run = ctx.prover.proofs_run  # type: ignore[attr-defined]
     for op, why in emit_ok.items():

@@ -96,6 +96,7 @@ class Refusal:
 class WalkResult:
     candidates: list[Candidate] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
+    note: str = ""  # why the walk found nothing (when it has neither candidates nor refusals)
 
 
 def _candidate(
@@ -328,6 +329,11 @@ class Walker:
                 order.append(out_t)
                 queue.append(out_t)
         res = self._select(x, axes, rank, anchor, ctx, values, order, failures)
+        if not res.candidates and not res.refusals:
+            res.note = (
+                "; ".join(f"{node_label(n)}: {why}" for n, why in failures[:2])
+                or "its value never combines into a normalization of its input"
+            )
         for cand in res.candidates:
             cand.axes_positive = positive
             cand.x_aliases = [

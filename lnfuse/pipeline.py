@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 from lnfuse.graph import ModelGraph, node_label
 from lnfuse.matcher import Candidate, Refusal
 from lnfuse.report import MatchRecord, RefusalRecord, Report
-from lnfuse.rules import NormParams, NormRule
+from lnfuse.rules import AnchorNote, NormParams, NormRule
 
 
 class PassResult(NamedTuple):
@@ -36,6 +36,7 @@ class PassContext:
         default_factory=dict
     )  # op -> None if it may be emitted, else why not
     prover: object | None = None
+    anchor_notes: dict[str, str] = field(default_factory=dict)  # anchor label -> why nothing was found
 
 
 class Pass(Protocol):
@@ -63,6 +64,8 @@ class NormPass:
         for item in rule.pattern(mg):
             if isinstance(item, Refusal):
                 ctx.report.refusals.append(_refusal(item, self.name))
+            elif isinstance(item, AnchorNote):
+                ctx.anchor_notes.setdefault(item.anchor, item.reason)
             else:
                 candidates.append(item)
         blocked = ctx.emit_ok.get(rule.op)

@@ -40,6 +40,16 @@ class RefusalRecord:
 
 
 @dataclass(frozen=True)
+class AnchorRecord:
+    """A reduction (or run-time-fed BatchNormalization) that is part of no fused or refused norm."""
+
+    op: str
+    anchor: str
+    graph: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Group:
     """Matches that share gain/bias/epsilon: the per-time-step norms of one recurrent layer."""
 
@@ -62,6 +72,7 @@ class Report:
     matches: list[MatchRecord] = field(default_factory=list)
     refusals: list[RefusalRecord] = field(default_factory=list)
     found_not_rewritten: list[MatchRecord] = field(default_factory=list)
+    left_alone: list[AnchorRecord] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
     hoisted: list[str] = field(default_factory=list)
     hoist_refusals: list[str] = field(default_factory=list)
@@ -116,6 +127,11 @@ class Report:
             f"  refused candidates: {len(self.refusals)}"
             + ("" if explain or not self.refusals else " (--explain lists them)")
         )
+        if self.left_alone:
+            lines.append(
+                f"  reductions left alone: {len(self.left_alone)}"
+                + ("" if explain else " (--explain lists them)")
+            )
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         if self.validation is not None:
@@ -142,6 +158,8 @@ class Report:
                     f"  - refused at {r.graph}:{r.anchor}: {r.reason}"
                     + (f" (nodes={','.join(r.nodes)})" if r.nodes else "")
                 )
+            for a in self.left_alone:
+                lines.append(f"  . left alone {a.graph}:{a.anchor} ({a.op}): {a.reason}")
         return "\n".join(lines)
 
 

@@ -39,6 +39,14 @@ SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
 
 
 @dataclass(frozen=True)
+class AnchorNote:
+    """Why the walk from one anchor found no normalization (for ``--explain``)."""
+
+    anchor: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class NormParams:
     """Everything the rewrite needs, decided by ``check``."""
 
@@ -136,7 +144,7 @@ class NormRule:
         self.min_opset = 17 if kind == "ln" else 23
 
     # -- pattern ------------------------------------------------------------------
-    def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal]:
+    def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal | AnchorNote]:
         walker = Walker(mg)
         claimed: dict[int, int | None] = {}  # node id -> group of the candidate that took it
         for x, axes, rank, anchor, positive in walker.proposals(self.kind):
@@ -152,6 +160,8 @@ class NormRule:
                 yield cand
             if self.kind == "ln":
                 yield from res.refusals
+            if res.note:
+                yield AnchorNote(node_label(anchor), res.note)
 
     # -- check ---------------------------------------------------------------------
     def check(self, mg: ModelGraph, cand: Candidate, *, allow_transpose: bool = True) -> NormParams | Refusal:

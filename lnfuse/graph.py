@@ -79,6 +79,12 @@ _FOLDABLE = frozenset(
 )
 
 
+_SAME_SHAPE_UNARY = frozenset(
+    {"Identity", "Cast", "Relu", "Neg", "Sigmoid", "Tanh", "Abs", "Sqrt", "Reciprocal", "Exp", "Erf"}
+)
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+
+
 def node_label(n: gs.Node) -> str:
     """A node's name, or ``Op(first output)`` for the unnamed nodes some exporters write."""
     if n.name:
@@ -145,6 +151,7 @@ class ModelGraph:
         self._node_view: dict[int, GraphView] = {}
         self._const_cache: dict[int, np.ndarray | None] = {}
         self._dtype_cache: dict[int, int] = {}
+        self._derived: dict[int, tuple[Dim, ...] | None] = {}
         inits = {t.name for t in model.graph.initializer}
         self._overridable = {i.name for i in model.graph.input if i.name in inits}
         self._shape_table: dict[str, tuple[int, tuple[Dim, ...] | None]] | None = None
@@ -175,6 +182,7 @@ class ModelGraph:
                         stack.append((sub, f"{path}/{label}:{attr_name}", view))
         self._all_output_ids = set().union(*(v.output_ids for v in self.views))
         self._const_cache.clear()
+        self._derived.clear()
         self._dtype_cache.clear()
 
     def view_of(self, node: gs.Node) -> GraphView | None:
@@ -231,22 +239,30 @@ class ModelGraph:
         """Value of a small node applied to constants: what exporters put around eps/gamma, and
         the ``N`` of an unbiased variance computed from ``Shape`` (static dims only)."""
         op = node.op
-        if op in shapes.SHAPE_OPS and not (op == "Gather" and _is_shape_gather(node)):
+        if op == "Gather" and _is_shape_gather(node):
+            value = self._fold_shape_gather(node, depth)
+            return value if value is not None else shapes.fold(self, node, depth)
+        if op in shapes.SHAPE_OPS:
             return shapes.fold(self, node, depth)
-        if op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
-            # Gather(Shape(t), i) needs only the gathered dims to be static.
-            idx = self.const_value(node.inputs[1], depth + 1)
-            shape = self.shape(node.inputs[0].inputs[0].inputs[0])
-            if idx is None or shape is None or int(node.attrs.get("axis", 0)) != 0:
-                return None
-            try:
-                picked = np.asarray(shape, dtype=object)[idx.astype(np.int64)]
-            except (IndexError, ValueError):
-                return None
-            flat = list(np.asarray(picked, dtype=object).reshape(-1))
-            if not all(isinstance(d, (int, np.integer)) for d in flat):
-                return None
-            return np.asarray(np.asarray(picked, dtype=object).astype(np.int64))
+        return self._fold_rest(node, depth)
+
+    def _fold_shape_gather(self, node: gs.Node, depth: int) -> np.ndarray | None:
+        """Gather(Shape(t), i): needs only the gathered dims to be static."""
+        idx = self.const_value(node.inputs[1], depth + 1)
+        shape = self.shape(node.inputs[0].inputs[0].inputs[0])
+        if idx is None or shape is None or int(node.attrs.get("axis", 0)) != 0:
+            return None
+        try:
+            picked = np.asarray(shape, dtype=object)[idx.astype(np.int64)]
+        except (IndexError, ValueError):
+            return None
+        flat = list(np.asarray(picked, dtype=object).reshape(-1))
+        if not all(isinstance(d, (int, np.integer)) for d in flat):
+            return None
+        return np.asarray(np.asarray(picked, dtype=object).astype(np.int64))
+
+    def _fold_rest(self, node: gs.Node, depth: int) -> np.ndarray | None:
+        op = node.op
         if op in ("Add", "Sub", "Mul", "Div"):
             if len(node.inputs) != 2:
                 return None
@@ -286,7 +302,7 @@ class ModelGraph:
                 dims = [src.shape[i] if d == 0 else d for i, d in enumerate(dims)]
                 return src.reshape(dims)
             if op == "ReduceProd":
-                if len(node.inputs) > 1 or "axes" in node.attrs:
+                if len(node.inputs) > 1 or ("axes" in node.attrs and src.ndim != 1):
                     return None
                 out = np.asarray(np.prod(src), dtype=src.dtype)
                 return out if not int(node.attrs.get("keepdims", 1)) else out.reshape((1,) * src.ndim)
@@ -373,7 +389,37 @@ class ModelGraph:
                 return tuple(d if isinstance(d, int) else i for d, i in zip(dims, inferred[1], strict=False))
             return dims
         entry = self.shape_table().get(tensor.name)
-        return entry[1] if entry else None
+        if entry and entry[1] is not None:
+            return entry[1]
+        key = id(tensor)
+        if key not in self._derived:
+            self._derived[key] = None  # (a cycle guard while it is worked out)
+            self._derived[key] = self._derived_shape(tensor)
+        return self._derived[key]
+
+    def _derived_shape(self, tensor: gs.Tensor) -> tuple[Dim, ...] | None:
+        """What shape inference could not say, from the producer: a Reshape's (shape-derived)
+        target, a same-shape unary op's input, or the broadcast of an elementwise op's inputs."""
+        p = self.producer(tensor)
+        if p is None or p.domain or not p.inputs:
+            return None
+        if p.op == "Reshape" and len(p.inputs) > 1:
+            target = shapes.reshape_target(self, p)
+            return None if target is None else tuple(shapes.as_int(m) for m in target)
+        if p.op in _SAME_SHAPE_UNARY:
+            return self.shape(p.inputs[0])
+        if p.op not in _BROADCASTING:
+            return None
+        parts = [self.shape(t) for t in p.inputs]
+        if any(q is None for q in parts):
+            return None
+        rank = max(len(q) for q in parts)  # type: ignore[arg-type]
+        out: list[Dim] = []
+        for pos in range(rank, 0, -1):
+            sizes = {q[-pos] for q in parts if len(q) >= pos}  # type: ignore[index, arg-type]
+            big = sizes - {1}
+            out.append(1 if not big else big.pop() if len(big) == 1 else None)
+        return tuple(out)
 
     def shape_table(self) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
         """Name -> (elem_type, dims) from ONNX shape inference, computed at most once."""

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from lnfuse import shapes
 from lnfuse import symbolic as S
+from lnfuse import views as V
 from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph, node_label
 
 MAX_EVAL = 64
@@ -47,7 +49,9 @@ ALGEBRA_OPS = frozenset(
         "ReduceSumSquare",
         "GlobalAveragePool",
         "Unsqueeze",
+        "Squeeze",
         "Reshape",
+        "BatchNormalization",
     }
 )
 REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
@@ -176,7 +180,12 @@ def normalize_axes(axes: list[int] | None, rank: int | None) -> tuple[int, ...] 
     return tuple(sorted({a - rank if a >= 0 else a for a in axes}))
 
 
-_SHAPE_ARG_OPS = frozenset((*REDUCE_OPS, "Unsqueeze", "Reshape"))
+_SHAPE_ARG_OPS = frozenset((*REDUCE_OPS, "Unsqueeze", "Squeeze", "Reshape"))
+# What a count or a target shape is computed with, from Shape / Size of a tensor in the match.
+_SHAPE_CHAIN_OPS = frozenset(
+    {"Shape", "Size", "Gather", "Slice", "Concat", "ReduceProd", "Cast", "Squeeze", "Unsqueeze"}
+    | {"Add", "Sub", "Mul", "Div", "Neg", "Range", "ConstantOfShape"}
+)
 
 
 class Walker:
@@ -194,15 +203,16 @@ class Walker:
     # -- proposals --------------------------------------------------------------
     def proposals(
         self, kind: str = "ln"
-    ) -> list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]]:
-        """``(X, axes, rank, anchor, positive)`` for every reduction anchor, deduplicated.
+    ) -> list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]]:
+        """``(X, axes, rank, anchor, positive, views)`` for every reduction anchor, deduplicated
+        (``views``: reshaped views of X the walk enters, by tensor id).
 
         A layer norm always reduces ``x`` itself (its mean), so for ``kind="ln"`` the
         anchor's input is ``x``; an RMS norm only reduces ``x**2``, so for ``kind="rms"``
         ``x`` is the operand of the square feeding the reduction.
         """
         seen: set[tuple[int, tuple[int, ...]]] = set()
-        out: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool]] = []
+        out: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]] = []
         for view in self.mg.views:
             for op in REDUCE_OPS:
                 for node in view.nodes_by_op.get(op, ()):
@@ -228,6 +238,15 @@ class Walker:
                     if not ok:
                         continue
                     for x in xs:
+                        through = V.entry(self.mg, x, raw_axes)
+                        if through is not None:
+                            # x is a reshaped view of the tensor really normalized (tf_keras).
+                            x0, axes0, layout = through
+                            key = (id(x0), axes0)
+                            if key not in seen:
+                                seen.add(key)
+                                out.append((x0, axes0, None, node, False, {id(x): layout}))
+                            continue
                         rank = None
                         axes = normalize_axes(raw_axes, None)
                         if axes is None:
@@ -241,14 +260,22 @@ class Walker:
                             continue
                         seen.add(key)
                         positive = raw_axes is not None and all(a >= 0 for a in raw_axes)
-                        out.append((x, axes, rank, node, positive))
+                        out.append((x, axes, rank, node, positive, {}))
         return out
 
     # -- the walk ---------------------------------------------------------------
     def walk(
-        self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None, anchor: gs.Node, positive: bool = False
+        self,
+        x: gs.Tensor,
+        axes: tuple[int, ...],
+        rank: int | None,
+        anchor: gs.Node,
+        positive: bool = False,
+        views: dict[int, V.View] | None = None,
     ) -> WalkResult:
         ctx = S.Context(n_norm=None)
+        self._entry_views = views or {}
+        self._layout: dict[int, V.View] = {}  # tensor id -> the view it is in (absent: X's layout)
         self._n_norm_args = (x, axes, rank)
         self._n_norm_done = False
         values: dict[int, S.Sym] = {id(x): S.Sym.atom("X")}
@@ -282,7 +309,15 @@ class Walker:
                 reads: tuple[gs.Tensor, ...] = ()  # constants in the cone of the node's output
                 for idx, inp in enumerate(node.inputs):
                     sym = values.get(id(inp))
-                    if sym is None:
+                    if sym is None and idx and node.op == "Reshape":
+                        sym = S.Sym({})  # a target shape: read by the evaluator itself
+                    elif sym is None and node.op == "BatchNormalization" and idx in (1, 2):
+                        fill = V.scalar_fill(self.mg, inp)
+                        sym = None if fill is None else S.Sym.const(np.asarray(fill))
+                        if sym is None:
+                            ready = False
+                            break
+                    elif sym is None:
                         sym = self._const(inp)
                         if sym is None:
                             ready = False
@@ -296,9 +331,14 @@ class Walker:
                     inputs.append(sym)
                 if not ready:
                     continue
+                layout, why_layout = self._input_layout(node, values)
+                if why_layout:
+                    done.add(id(node))
+                    failures.append((node, why_layout))
+                    continue
                 if (
                     squeezed
-                    and node.op not in ("Unsqueeze", "Reshape")
+                    and node.op not in ("Unsqueeze", "Reshape", "BatchNormalization")
                     and not all(
                         SQUEEZED in i.flags or (i.is_const() and self._scalar_const(t))
                         for i, t in zip(inputs, node.inputs, strict=False)
@@ -311,6 +351,7 @@ class Walker:
                     continue
                 done.add(id(node))
                 evals += 1
+                self._next_layout = layout
                 try:
                     result, why = self._eval(node, inputs, axes, rank, ctx)
                 except (ValueError, ZeroDivisionError, OverflowError, FloatingPointError) as err:
@@ -325,6 +366,8 @@ class Walker:
                     continue
                 out_t = node.outputs[0]
                 values[id(out_t)] = result
+                if self._next_layout is not None:
+                    self._layout[id(out_t)] = self._next_layout
                 cone_consts[id(out_t)] = reads
                 order.append(out_t)
                 queue.append(out_t)
@@ -360,7 +403,10 @@ class Walker:
     def _norm_count(self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None) -> int | None:
         shape = self.mg.shape(x)
         if shape is None:
-            return None
+            tail = shapes.trailing(self.mg, x)  # static trailing dims, rank unknown
+            if not tail or -min(axes) > len(tail):
+                return None
+            return int(np.prod([tail[a] for a in axes]))
         n = 1
         for a in axes:
             if -a > len(shape):
@@ -441,12 +487,17 @@ class Walker:
             if SQUEEZED in ins[0].flags:
                 # Its axes now index a tensor of lower rank: not the normalized axes any more.
                 return None, f"{op} of a keepdims=0 statistic reduces other axes"
-            naxes = normalize_axes(raw_axes, rank)
-            if naxes is None and rank is None:
-                shape = self.mg.shape(node.inputs[0])
-                naxes = normalize_axes(raw_axes, len(shape) if shape is not None else None)
-            if naxes != axes:
-                return None, f"{op} over axes {raw_axes}, not the normalized axes {list(axes)}"
+            view = self._next_layout
+            if view is not None:
+                if not view.reduces_rows(raw_axes) or (squeezed and not view.squeezes_rows(raw_axes)):
+                    return None, f"{op} over axes {raw_axes} of a reshaped view, not its normalized axes"
+            else:
+                naxes = normalize_axes(raw_axes, rank)
+                if naxes is None and rank is None:
+                    shape = self.mg.shape(node.inputs[0])
+                    naxes = normalize_axes(raw_axes, len(shape) if shape is not None else None)
+                if naxes != axes:
+                    return None, f"{op} over axes {raw_axes}, not the normalized axes {list(axes)}"
             arg = S.mul(ins[0], ins[0]) if op == "ReduceSumSquare" else ins[0]
             res = None if arg is None else S.reduce_mean(arg)
             if res is None:
@@ -464,13 +515,88 @@ class Walker:
                 # keepdims=0: usable only once an Unsqueeze / Reshape puts the reduced axes back.
                 res = res.with_flags(SQUEEZED)
             return res, ""
+        if op == "Reshape" and SQUEEZED not in ins[0].flags:
+            return self._reshape_view(node, ins[0])
+        if op == "Squeeze":
+            return self._squeeze(node, ins[0], axes)
+        if op == "BatchNormalization":
+            return self._batch_norm(node, ins, ctx)
         if op in ("Unsqueeze", "Reshape"):
-            if SQUEEZED not in ins[0].flags:
+            if SQUEEZED not in ins[0].flags or self._next_layout is not None:
                 return None, ""
             if not self._restores_reduced_axes(node, axes):
                 return None, f"{op} does not put the reduced axes {list(axes)} back"
             return S.Sym(ins[0].terms, ins[0].flags - {SQUEEZED}), ""
         return None, ""
+
+    def _input_layout(self, node: gs.Node, values: dict[int, S.Sym]) -> tuple[V.View | None, str]:
+        """The layout the walked inputs of ``node`` share (None: X's own) and why not, if they don't."""
+        found = [self._layout.get(id(t)) for t in node.inputs if id(t) in values]
+        view = found[0] if found else None
+        if any(v is not view for v in found):
+            return None, "mixes a reshaped view of the input with the input itself"
+        if view is None or node.op == "BatchNormalization":
+            return view, ""
+        for idx, t in enumerate(node.inputs):
+            if id(t) in values or (idx and node.op in _SHAPE_ARG_OPS):
+                continue
+            if not self._scalar_const(t):
+                return None, "a constant that is not a scalar meets a reshaped view of the input"
+        return view, ""
+
+    def _reshape_view(self, node: gs.Node, value: S.Sym) -> tuple[S.Sym | None, str]:
+        """A Reshape into a view of X the walk was told about, or back from a view to X's shape."""
+        out_id = id(node.outputs[0])
+        if self._next_layout is None and out_id in self._entry_views:
+            self._next_layout = self._entry_views[out_id]
+            return value, ""
+        if self._next_layout is not None:
+            if V.restores(self.mg, node, self._n_norm_args[0]):
+                self._next_layout = None
+                return value, ""
+            return None, "Reshape of a reshaped view to something other than the input's shape"
+        return None, ""
+
+    def _squeeze(self, node: gs.Node, value: S.Sym, axes: tuple[int, ...]) -> tuple[S.Sym | None, str]:
+        """Squeeze of a keepdims=1 statistic over exactly the reduced axes: a keepdims=0 statistic."""
+        if SQUEEZED in value.flags or any(a == "X" for m in value.terms for a, _ in m):
+            return None, ""
+        if len(node.inputs) > 1:
+            v = self.mg.const_value(node.inputs[1])
+            sq = None if v is None else [int(a) for a in v.reshape(-1)]
+        else:
+            sq = [int(a) for a in node.attrs.get("axes", [])] or None
+        view = self._next_layout
+        if view is not None:
+            ok = view.squeezes_rows(sq)
+        else:
+            shape = self.mg.shape(self._n_norm_args[0])
+            ok = sq is not None and normalize_axes(sq, None if shape is None else len(shape)) == axes
+        if not ok:
+            return None, f"Squeeze over {sq}, not the reduced axes"
+        return value.with_flags(SQUEEZED), ""
+
+    def _batch_norm(self, node: gs.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
+        """``(x - mean) / sqrt(var + eps) * scale + B`` with per-row statistics of a view of X."""
+        why = V.batch_norm_ok(self.mg, node)
+        if why:
+            return None, why
+        view = self._next_layout
+        if view is None or not view.channel_rows():
+            return None, "BatchNormalization whose channels are not the rows of a reshaped view of the input"
+        xv, scale, bias, mean, var = ins
+        if SQUEEZED in xv.flags or SQUEEZED not in mean.flags or SQUEEZED not in var.flags:
+            return None, "BatchNormalization not fed by per-row statistics of its input"
+        m = S.Sym(mean.terms, mean.flags - {SQUEEZED})
+        v = S.Sym(var.terms, var.flags - {SQUEEZED})
+        eps = S.Sym.const(np.asarray(float(node.attrs.get("epsilon", 1e-5))))
+        d, e = S.add(xv, m, -1.0), S.add(v, eps)
+        r = None if e is None else S.power(e, -0.5, ctx)
+        if d is None or r is None:
+            return None, "BatchNormalization's variance is not a variance of its input"
+        y = S.mul(d, r)
+        y = None if y is None else S.mul(y, scale)
+        return (None if y is None else S.add(y, bias)), ""
 
     def _scalar_const(self, t: gs.Tensor) -> bool:
         v = self.mg.const_value(t)
@@ -524,7 +650,7 @@ class Walker:
         claimed: set[int] = set()
         # Complete norms, deepest first; each one's NormForm is worked out only when needed
         # (None: not a norm after all, or it ends in a widening Cast).
-        deep = [t for t in reversed(order) if S.maybe_norm(values[id(t)])]
+        deep = [t for t in reversed(order) if S.maybe_norm(values[id(t)]) and id(t) not in self._layout]
         forms: dict[int, S.NormForm | None] = {}
 
         def form_of(t: gs.Tensor) -> S.NormForm | None:
@@ -581,6 +707,13 @@ class Walker:
                     if is_output:
                         leak = f"intermediate '{out.name}' is a graph output"
                         break
+                    shape_readers = [self._shape_chain(c, cone_ids) for c in outside]
+                    if outside and all(chain is not None for chain in shape_readers):
+                        # Only its shape is read (Shape -> Gather -> ReduceProd -> Cast -> a count
+                        # the match divides by): that chain goes with the match.
+                        for chain in shape_readers:
+                            side_nodes.extend(n2 for n2 in chain if all(n2 is not k for k in side_nodes))  # type: ignore[union-attr]
+                        outside = []
                     absorbed = []
                     for c in outside:
                         c_kind = self._side_kind(
@@ -661,6 +794,26 @@ class Walker:
                 )
             )
         return result
+
+    def _shape_chain(self, reader: gs.Node, cone_ids: set[int]) -> list[gs.Node] | None:
+        """``reader`` and the nodes after it when they only compute shape values that end in the
+        match (``cone_ids``): Shape/Size, then shape arithmetic, never a graph output."""
+        if reader.op not in ("Shape", "Size") or reader.domain:
+            return None
+        chain: list[gs.Node] = []
+        stack = [reader]
+        while stack:
+            n = stack.pop()
+            if any(n is c for c in chain):
+                continue
+            if n.op not in _SHAPE_CHAIN_OPS or n.domain or len(chain) >= 16:
+                return None
+            chain.append(n)
+            for out in n.outputs:
+                if self.mg.is_graph_output(out):
+                    return None
+                stack.extend(c for c in out.outputs if id(c) not in cone_ids)
+        return chain
 
     @staticmethod
     def _looks_like_ln(ctx: S.Context, values: dict[int, S.Sym], failures: list[tuple[gs.Node, str]]) -> bool:
@@ -833,13 +986,14 @@ class Walker:
             seen.add(nid)
             nodes.append(n)
             shape_args = n.op in _SHAPE_ARG_OPS  # axes / shape inputs are not data
+            in_view = bool(n.outputs) and id(n.outputs[0]) in self._layout  # its constants are scalars
             for idx, inp in enumerate(n.inputs):
                 tid = id(inp)
                 if inp is x or tid in alias_ids:
                     continue
                 if tid in values and inp.inputs:
                     stack.append(inp.inputs[0])
-                elif not (idx and shape_args):
+                elif not (idx and shape_args) and not (in_view or n.op == "BatchNormalization"):
                     consts.append(inp)
         view = self.mg.view_of(start)
         if view is None:

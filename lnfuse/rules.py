@@ -147,8 +147,8 @@ class NormRule:
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal | AnchorNote]:
         walker = Walker(mg)
         claimed: dict[int, int | None] = {}  # node id -> group of the candidate that took it
-        for x, axes, rank, anchor, positive in walker.proposals(self.kind):
-            res = walker.walk(x, axes, rank, anchor, positive)
+        for x, axes, rank, anchor, positive, views in walker.proposals(self.kind):
+            res = walker.walk(x, axes, rank, anchor, positive, views)
             for cand in res.candidates:
                 if cand.form.kind != self.kind:
                     continue
@@ -588,14 +588,12 @@ def _direct_side_reshapes(mg: ModelGraph, cand: Candidate, axis: int) -> tuple[s
     the normalized axes set to 1. ONNX's function body computes that shape from Shape / Size / Slice /
     Sub / ConstantOfShape / Concat."""
     source = cand.source if cand.source is not None else cand.x
-    x_shape = mg.shape(source)
+    x_shape = shapes.shape_of(mg, source)
     if x_shape is None:
         return ()
     rank = len(x_shape)
     first = axis + rank if axis < 0 else axis
-    want: list[shapes.Term] = [
-        d if isinstance(d, int) else shapes.DimRef(id(source), i) for i, d in enumerate(x_shape[:first])
-    ] + [1] * (rank - first)
+    want = x_shape[:first] + [shapes.ONE] * (rank - first)
     out = []
     inside = {id(n) for n in (*cand.nodes, *cand.side_nodes)}
     for kind, t in cand.side_outputs:

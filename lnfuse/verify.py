@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from lnfuse import shapes
 from lnfuse.graph import ModelGraph, np_dtype
 from lnfuse.matcher import Candidate
 from lnfuse.opset import min_ir_version
@@ -74,10 +75,16 @@ class Prover:
 
         inside = {id(n) for n in nodes}
 
+        known, refs = _binding(mg, inp, shape)
+
         def tensor(t: gs.Tensor) -> gs.Tensor:
             if id(t) not in names:
                 made_here = bool(t.inputs) and id(t.inputs[0]) in inside
                 val = None if made_here else mg.const_value(t)
+                if val is None and not made_here and t is not inp and id(t) not in cand.values:
+                    # A shape-derived input (a Reshape target, Expand(1, rows)): its value for the
+                    # proof's input shape.
+                    val = shapes.evaluate(mg, t, known, refs)
                 if val is not None and t is not cand.x:
                     names[id(t)] = gs.Constant(f"c{len(names)}", np.array(val))
                 else:
@@ -118,8 +125,8 @@ class Prover:
         self.proofs_run += 1
         for label, data in cases:
             feed = {"x": data.astype(np_dtype(in_dt))}
-            (a,) = sess_a.run(None, feed)
-            (b,) = sess_b.run(None, feed)
+            (a,) = sess_a.run(None, feed, _quiet_run())
+            (b,) = sess_b.run(None, feed, _quiet_run())
             if a.shape != b.shape:
                 return f"numeric proof failed ({label}): shape {list(b.shape)} != {list(a.shape)}"
             a64 = a.astype(np.float64)
@@ -142,6 +149,29 @@ class Prover:
         return None
 
 
+def _quiet_run():  # type: ignore[no-untyped-def]
+    """Run options that keep ONNX Runtime's own error log off stderr (a failed proof is a refusal)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+def _binding(
+    mg: ModelGraph, inp: gs.Tensor, shape: list[int]
+) -> tuple[shapes.Known, dict[shapes.DimRef, int]]:
+    """The proof input's shape, and the run-time dims of the real input bound to its sizes."""
+    known = {id(inp): [(int(d), ()) for d in shape]}
+    refs: dict[shapes.DimRef, int] = {}
+    real = mg.shape(inp)
+    if real is not None and len(real) == len(shape):
+        for i, d in enumerate(real):
+            if not isinstance(d, int):
+                refs[shapes.canonical(mg, inp, i)] = int(shape[i])
+    return known, refs
+
+
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
     source = cand.source if cand.source is not None else cand.x
     exact = (
@@ -151,12 +181,15 @@ def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int
         or any(n.op == "Reshape" for n in cand.nodes)  # constant target shapes need the real dims
     )
     shape = mg.shape(source) if exact else None
-    if (
-        shape is not None
-        and all(isinstance(d, int) and d > 0 for d in shape)
-        and int(np.prod(shape)) <= 1 << 16
-    ):
-        return [int(d) for d in shape]  # type: ignore[arg-type]
+    if shape is not None and all(not isinstance(d, int) or d > 0 for d in shape):
+        # Static dims as they are (constant and shape-derived targets need them), dynamic ones small.
+        dims = [int(d) if isinstance(d, int) else (3 if i == 0 else 2) for i, d in enumerate(shape)]
+        norm_axes = range(-len(params.normalized_shape), 0) if "unflattened" in params.flags else cand.axes
+        if params.perm is None and len(norm_axes) == len(params.normalized_shape) <= len(dims):
+            for a, d in zip(norm_axes, params.normalized_shape, strict=False):
+                dims[a] = int(d)
+        if int(np.prod(dims)) <= 1 << 16:
+            return dims
     consts = [mg.const_value(c) for c in cand.const_inputs]
     max_const_rank = max((v.ndim for v in consts if v is not None), default=0)
     axes = tuple(range(-len(params.normalized_shape), 0)) if "unflattened" in params.flags else cand.axes

@@ -213,6 +213,7 @@ class Walker:
         """
         seen: set[tuple[int, tuple[int, ...]]] = set()
         out: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]] = []
+        later: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]] = []
         for view in self.mg.views:
             for op in REDUCE_OPS:
                 for node in view.nodes_by_op.get(op, ()):
@@ -240,13 +241,13 @@ class Walker:
                     for x in xs:
                         through = V.entry(self.mg, x, raw_axes)
                         if through is not None:
-                            # x is a reshaped view of the tensor really normalized (tf_keras).
+                            # x may be a reshaped view of the tensor really normalized (tf_keras):
+                            # walked after x itself, which keeps an ordinary reshape ordinary.
                             x0, axes0, layout = through
                             key = (id(x0), axes0)
                             if key not in seen:
                                 seen.add(key)
-                                out.append((x0, axes0, None, node, False, {id(x): layout}))
-                            continue
+                                later.append((x0, axes0, None, node, False, {id(x): layout}))
                         rank = None
                         axes = normalize_axes(raw_axes, None)
                         if axes is None:
@@ -261,7 +262,7 @@ class Walker:
                         seen.add(key)
                         positive = raw_axes is not None and all(a >= 0 for a in raw_axes)
                         out.append((x, axes, rank, node, positive, {}))
-        return out
+        return out + later
 
     # -- the walk ---------------------------------------------------------------
     def walk(

@@ -106,11 +106,11 @@ def shape_of(mg: ModelGraph, t: gs.Tensor, known: Known | None = None) -> list[M
         return known[id(t)]
     shape = mg.shape(t)
     p = t.inputs[0] if t.inputs else None
-    if (shape is None or not all(isinstance(d, int) for d in shape)) and p is not None:
-        if p.op == "Reshape" and not p.domain and len(p.inputs) > 1:
-            target = reshape_target(mg, p, known=known)
-            if target is not None:
-                return target
+    dynamic = shape is None or not all(isinstance(d, int) for d in shape)
+    if dynamic and p is not None and p.op == "Reshape" and not p.domain and len(p.inputs) > 1:
+        target = reshape_target(mg, p, known=known)
+        if target is not None:
+            return target
     if shape is None:
         return None
     return [(d, ()) if isinstance(d, int) else mono(canonical(mg, t, i)) for i, d in enumerate(shape)]

@@ -106,9 +106,9 @@ def restores(mg: ModelGraph, node: gs.Node, x: gs.Tensor) -> bool:
         if src is None or src.op not in ("Cast", "Identity") or src.domain:
             break
         src = mg.producer(src.inputs[0])
-    if src is not None and src.op == "Shape" and src.inputs[0] is x and not src.attrs.get("start"):
-        if src.attrs.get("end") is None:
-            return True
+    whole = src is not None and not src.attrs.get("start") and src.attrs.get("end") is None
+    if whole and src.op == "Shape" and src.inputs[0] is x:  # type: ignore[union-attr]
+        return True
     target = shapes.reshape_target(mg, node)
     return target is not None and target == shapes.shape_of(mg, x)
 

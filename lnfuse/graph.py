@@ -74,7 +74,7 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 _BIG_TENSOR = 1 << 20  # bytes: initializers above this are exported without an intermediate copy
 _FOLDABLE = frozenset(
     {"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Shape", "Gather", "ReduceProd"}
-    | {"Add", "Sub", "Mul", "Div", "Neg"}
+    | {"Add", "Sub", "Mul", "Div", "Neg", "CastLike"}
     | shapes.SHAPE_OPS
 )
 
@@ -282,6 +282,10 @@ class ModelGraph:
         try:
             if op == "Identity":
                 return src
+            if op == "CastLike" and len(node.inputs) == 2:
+                to = self.dtype(node.inputs[1])
+                ok = to in FLOAT_TYPES and to != onnx.TensorProto.BFLOAT16 and src.dtype.kind in "fiu"
+                return src.astype(np_dtype(to)) if ok else None  # type: ignore[arg-type]
             if op == "Neg":
                 return None if src.dtype.kind not in "if" else np.negative(src)
             if op == "Cast":

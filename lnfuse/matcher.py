@@ -52,6 +52,7 @@ ALGEBRA_OPS = frozenset(
         "Squeeze",
         "Reshape",
         "BatchNormalization",
+        "Max",
     }
 )
 REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
@@ -520,6 +521,8 @@ class Walker:
             return self._reshape_view(node, ins[0])
         if op == "Squeeze":
             return self._squeeze(node, ins[0], axes)
+        if op == "Max":
+            return self._clamp_at_zero(node, ins, ctx)
         if op == "BatchNormalization":
             return self._batch_norm(node, ins, ctx)
         if op in ("Unsqueeze", "Reshape"):
@@ -556,6 +559,9 @@ class Walker:
                 self._next_layout = None
                 return value, ""
             return None, "Reshape of a reshaped view to something other than the input's shape"
+        target = shapes.reshape_target(self.mg, node)
+        if target is not None and target == shapes.shape_of(self.mg, node.inputs[0]):
+            return value, ""  # to its own shape (a Transpose tf2onnx turned into a Reshape)
         return None, ""
 
     def _squeeze(self, node: gs.Node, value: S.Sym, axes: tuple[int, ...]) -> tuple[S.Sym | None, str]:
@@ -576,6 +582,16 @@ class Walker:
         if not ok:
             return None, f"Squeeze over {sq}, not the reduced axes"
         return value.with_flags(SQUEEZED), ""
+
+    def _clamp_at_zero(self, node: gs.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
+        """``Max(v, 0)`` of a variance (+ eps): the same value (a variance is >= 0; the
+        clamp only catches negative rounding of a one-pass ``E[x^2] - E[x]^2``, as JAX writes it)."""
+        if node.op == "Max" and (len(ins) != 2 or ins[1].terms or not self._scalar_const(node.inputs[1])):
+            return None, ""
+        v = ins[0]
+        if S.atomize(v, ctx) is None and S.power(v, -2.0, ctx) is None:
+            return None, f"{node.op} of something other than a variance"
+        return v, ""
 
     def _batch_norm(self, node: gs.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
         """``(x - mean) / sqrt(var + eps) * scale + B`` with per-row statistics of a view of X."""

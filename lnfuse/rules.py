@@ -147,6 +147,7 @@ class NormRule:
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal | AnchorNote]:
         walker = Walker(mg)
         claimed: dict[int, int | None] = {}  # node id -> group of the candidate that took it
+        said: list[tuple[object, Refusal | AnchorNote]] = []
         for x, axes, rank, anchor, positive, views in walker.proposals(self.kind):
             res = walker.walk(x, axes, rank, anchor, positive, views)
             for cand in res.candidates:
@@ -159,9 +160,12 @@ class NormRule:
                 claimed.update((id(n), cand.group) for n in cand.nodes)
                 yield cand
             if self.kind == "ln":
-                yield from res.refusals
+                said.extend((anchor, r) for r in res.refusals)
             if res.note:
-                yield AnchorNote(node_label(anchor), res.note)
+                said.append((anchor, AnchorNote(node_label(anchor), res.note)))
+        # An anchor is walked as itself and, when it reads a reshaped view, as that view: what a
+        # walk that found nothing says only counts when no walk of that anchor found a norm.
+        yield from (item for anchor, item in said if id(anchor) not in claimed)
 
     # -- check ---------------------------------------------------------------------
     def check(self, mg: ModelGraph, cand: Candidate, *, allow_transpose: bool = True) -> NormParams | Refusal:

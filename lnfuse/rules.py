@@ -433,8 +433,12 @@ class NormRule:
         scale_t: gs.Tensor | None = None,
         bias_t: gs.Tensor | None = None,
         side: list[tuple[str, gs.Tensor]] | None = None,
+        keep_back: bool = True,
     ) -> list[gs.Node]:
-        """The fused node(s) reading ``inp`` and producing ``out`` (and ``side`` Mean/InvStdDev tensors)."""
+        """The fused node(s) reading ``inp`` and producing ``out`` (and ``side`` Mean/InvStdDev tensors).
+
+        ``keep_back=False``: no Transpose back after a transposed norm (the caller found one that
+        undoes it and removes both)."""
         nodes: list[gs.Node] = []
 
         def step(
@@ -450,7 +454,8 @@ class NormRule:
             cur = step("Cast", {"to": int(params.pre_cast)}, cur, None, params.pre_cast)
         if params.perm is not None:
             cur = step("Transpose", {"perm": list(params.perm)}, cur, None, params.dtype)
-        needs_tail = params.perm is not None or params.out_cast is not None
+        back = params.perm is not None and keep_back
+        needs_tail = back or params.out_cast is not None
         norm_out = gs.Variable(name("lnfuse_normalized"), dtype=np_dtype(params.dtype)) if needs_tail else out
         if scale_t is None:
             scale_t = gs.Constant(name("lnfuse_scale"), params.scale)
@@ -477,7 +482,8 @@ class NormRule:
             if kind in extra and kind not in params.side_direct:
                 step("Flatten", {"axis": params.side_flatten_axis}, extra[kind], t, stash_type)
         cur = norm_out
-        if params.perm is not None:
+        if back:
+            assert params.perm is not None
             inv = [0] * len(params.perm)
             for i, p in enumerate(params.perm):
                 inv[p] = i
@@ -511,9 +517,25 @@ class NormRule:
             }
             replaced += list(direct.values())
             side = [(kind, direct[kind].outputs[0] if kind in direct else t) for kind, t in side]
+        undo = _undoing_transpose(mg, out, params)
+        if undo is not None:  # LN over channels then the exporter's own Transpose to channels-last
+            replaced.append(undo)
+            out = undo.outputs[0]
         mg.detach(replaced)
-        new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t, side)
+        new_nodes = self.build(params, inp, out, mg.unique_name, scale_t, bias_t, side, undo is None)
         mg.replace(cand.view, replaced, anchor, new_nodes)
+
+
+def _undoing_transpose(mg: ModelGraph, out: gs.Tensor, params: NormParams) -> gs.Node | None:
+    """The one reader of ``out``, when it is a Transpose by the fused op's own ``perm``: it undoes the
+    Transpose back, so the norm's result in the transposed layout is what it computes."""
+    if params.perm is None or params.out_cast is not None or mg.is_graph_output(out) or len(out.outputs) != 1:
+        return None
+    t = out.outputs[0]
+    perm = t.attrs.get("perm")
+    if t.op != "Transpose" or t.domain or perm is None or tuple(int(p) for p in perm) != params.perm:
+        return None
+    return t
 
 
 def _sandwich(

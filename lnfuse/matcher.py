@@ -555,7 +555,7 @@ class Walker:
             self._next_layout = self._entry_views[out_id]
             return value, ""
         if self._next_layout is not None:
-            if V.restores(self.mg, node, self._n_norm_args[0]):
+            if V.restores(self.mg, node, self._n_norm_args[0], self._next_layout):
                 self._next_layout = None
                 return value, ""
             return None, "Reshape of a reshaped view to something other than the input's shape"

@@ -97,8 +97,8 @@ def entry(
     return None
 
 
-def restores(mg: ModelGraph, node: gs.Node, x: gs.Tensor) -> bool:
-    """``node`` is a Reshape whose target is ``x``'s own shape (back from a view)."""
+def restores(mg: ModelGraph, node: gs.Node, x: gs.Tensor, view: View | None = None) -> bool:
+    """``node`` is a Reshape (of a value in ``view``) whose target is ``x``'s own shape."""
     if node.op != "Reshape" or node.domain or len(node.inputs) < 2:
         return False
     src = mg.producer(node.inputs[1])
@@ -109,7 +109,8 @@ def restores(mg: ModelGraph, node: gs.Node, x: gs.Tensor) -> bool:
     whole = src is not None and not src.attrs.get("start") and src.attrs.get("end") is None
     if whole and src.op == "Shape" and src.inputs[0] is x:  # type: ignore[union-attr]
         return True
-    target = shapes.reshape_target(mg, node)
+    known = {id(node.inputs[0]): list(view.terms)} if view is not None else None
+    target = shapes.reshape_target(mg, node, known=known)
     return target is not None and target == shapes.shape_of(mg, x)
 
 

@@ -128,3 +128,108 @@ def test_merged_normalized_value_read_elsewhere_keeps_one_op() -> None:
     ]
     model = _model(nodes, ["y1", "y2", "n"], [_vec("g1"), _vec("g2"), _scalar("eps", 1e-5)], opset=17)
     assert _fused(model) == ["LayerNormalization", "Mul", "Mul"]
+
+
+def _tf_keras_ln(
+    *, stats_of: str = "x4", axes: tuple[int, ...] = (0, 2, 3), training: bool = False, back: str = "shape"
+) -> onnx.ModelProto:
+    """tf_keras' LayerNormalization as tf2onnx writes it: x [N, 8, H] viewed as [1, rows, H, 1], the
+    training-mode FusedBatchNormV3 statistics (ReduceMean, ReduceSumSquare / count from Shape,
+    Squeeze), an inference BatchNormalization with Expand'ed ones/zeros, Reshape back, gamma, beta.
+    ``stats_of`` / ``axes`` / ``training`` / ``back`` make the look-alikes."""
+    ax = h.make_tensor("ax", TP.INT64, [len(axes)], list(axes))
+    nodes = [
+        h.make_node("Reshape", ["x", "view"], ["x4"]),
+        h.make_node("Identity", ["x4"], ["other"]),
+        h.make_node("ReduceMean", [stats_of], ["m"], axes=list(axes), keepdims=1),
+        h.make_node("Sub", [stats_of, "m"], ["d"]),
+        h.make_node("ReduceSumSquare", ["d"], ["ss"], axes=list(axes), keepdims=0),
+        h.make_node("Squeeze", ["m", "ax"], ["ms"]),
+        h.make_node("Shape", ["x4"], ["s4"]),
+        h.make_node("Gather", ["s4", "ax"], ["g4"]),
+        h.make_node("ReduceProd", ["g4"], ["n"], axes=[0], keepdims=0),
+        h.make_node("Cast", ["n"], ["nf"], to=TP.FLOAT),
+        h.make_node("Div", ["ss", "nf"], ["var"]),
+        h.make_node("Shape", ["x"], ["sx"]),
+        h.make_node("Slice", ["sx", "zero", "two"], ["lead"]),
+        h.make_node("ReduceProd", ["lead"], ["rows"], axes=[0], keepdims=1),
+        h.make_node("Expand", ["one", "rows"], ["ones"]),
+        h.make_node("Expand", ["nil", "rows"], ["zeros"]),
+        h.make_node(
+            "BatchNormalization",
+            ["x4", "ones", "zeros", "ms", "var"],
+            ["bn"],
+            epsilon=1e-3,
+            **({"training_mode": 1} if training else {}),
+        ),
+        h.make_node("Reshape", ["bn", "sx" if back == "shape" else "flat"], ["y4"]),
+        h.make_node("Mul", ["y4", "gamma"], ["yg"]),
+        h.make_node("Add", ["yg", "beta"], ["y"]),
+    ]
+    inits = [
+        nh.from_array(np.array([1, -1, H, 1], np.int64), "view"),
+        nh.from_array(np.array([-1, 8, H], np.int64), "flat"),
+        nh.from_array(np.array([0], np.int64), "zero"),
+        nh.from_array(np.array([2], np.int64), "two"),
+        _scalar("one", 1.0),
+        _scalar("nil", 0.0),
+        _vec("gamma"),
+        _vec("beta", 0.0),
+        ax,
+    ]
+    return _model(nodes, ["y"], inits)
+
+
+def test_tf_keras_fused_batch_norm_path_is_one_layer_norm() -> None:
+    assert _fused(_tf_keras_ln()) == ["LayerNormalization"]
+
+
+def test_tf_keras_path_reshaped_back_by_a_constant_shape() -> None:
+    assert _fused(_tf_keras_ln(back="const")) == ["LayerNormalization"]
+
+
+def test_batch_norm_look_alikes_stay_unchanged() -> None:
+    """BatchNormalization fed by statistics of another tensor, over other axes, or in training mode."""
+    for model in (
+        _tf_keras_ln(stats_of="other"),  # a different tensor (same values, but not x's own)
+        _tf_keras_ln(axes=(0, 1, 3)),  # statistics over the rows, not over H
+        _tf_keras_ln(training=True),
+    ):
+        before = model.SerializeToString()
+        result = lnfuse.optimize(model)
+        assert not result.changed and result.model is model
+        assert model.SerializeToString() == before
+        assert any(a.op == "BatchNormalization" for a in result.report.left_alone) or result.report.refusals
+
+
+def test_max_clamped_one_pass_variance() -> None:
+    """JAX: ``var = max(E[x^2] - E[x]^2, 0)``; the clamp only catches negative rounding."""
+    nodes = [
+        h.make_node("ReduceMean", ["x"], ["m"], axes=[-1]),
+        h.make_node("Sub", ["x", "m"], ["d"]),
+        h.make_node("Mul", ["x", "x"], ["x2"]),
+        h.make_node("ReduceMean", ["x2"], ["q"], axes=[-1]),
+        h.make_node("Mul", ["m", "m"], ["m2"]),
+        h.make_node("Sub", ["q", "m2"], ["v"]),
+        h.make_node("Max", ["v", "nil"], ["vp"]),
+        h.make_node("Add", ["vp", "eps"], ["ve"]),
+        h.make_node("Sqrt", ["ve"], ["sd"]),
+        h.make_node("Div", ["d", "sd"], ["n"]),
+        h.make_node("Mul", ["n", "gamma"], ["y"]),
+    ]
+    model = _model(nodes, ["y"], [_vec("gamma"), _scalar("nil", 0.0), _scalar("eps", 1e-6)], opset=17)
+    assert _fused(model) == ["LayerNormalization"]
+
+
+def test_max_with_a_positive_floor_is_not_a_variance() -> None:
+    nodes = [
+        h.make_node("ReduceMean", ["x"], ["m"], axes=[-1]),
+        h.make_node("Sub", ["x", "m"], ["d"]),
+        h.make_node("Mul", ["d", "d"], ["d2"]),
+        h.make_node("ReduceMean", ["d2"], ["v"], axes=[-1]),
+        h.make_node("Max", ["v", "floor"], ["vp"]),
+        h.make_node("Sqrt", ["vp"], ["sd"]),
+        h.make_node("Div", ["d", "sd"], ["y"]),
+    ]
+    model = _model(nodes, ["y"], [_scalar("floor", 1e-3)], opset=17)
+    assert not lnfuse.optimize(model).changed

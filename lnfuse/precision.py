@@ -295,3 +295,34 @@ def proof_tolerance(kinds: Iterable[FloatKind | None]) -> tuple[float, float, fl
 def tolerance_map(tolerances: Mapping[str, Tolerance]) -> list[dict[str, Any]]:
     """JSON form of :func:`output_tolerances`, in output order."""
     return [t.to_dict() for t in tolerances.values()]
+
+
+# --------------------------------------------------------------------------- optimize report
+
+
+class Rounding(enum.Enum):
+    """A narrower rounding inside a matched norm that the fused op no longer does (report flag)."""
+
+    FLOAT16 = "fp16_rounding_removed"
+    BFLOAT16 = "bf16_rounding_removed"
+
+
+_ROUNDING = {FloatKind.FLOAT16: Rounding.FLOAT16, FloatKind.BFLOAT16: Rounding.BFLOAT16}
+
+
+def removed_rounding(nodes: Iterable[Any], dtype_of: Any, final: Any) -> tuple[Rounding, str] | None:
+    """The first narrowing Cast to a 16-bit float among the matched ``nodes`` that is not the
+    match's last step (its output is not ``final``): the original rounds through that type
+    inside the norm; the fused op computes the norm in one piece and rounds once, at its output.
+
+    ``nodes`` are onnx-graphsurgeon nodes, ``dtype_of(tensor)`` their ONNX element type.
+    Returns the flag and the Cast's output name.
+    """
+    for node in nodes:
+        if node.op != "Cast" or node.outputs[0] is final:
+            continue
+        to = FloatKind.of(int(node.attrs.get("to", 0)))
+        src = FloatKind.of(dtype_of(node.inputs[0]) or 0)
+        if to in _ROUNDING and src is not None and to.bits < src.bits:
+            return _ROUNDING[to], node.outputs[0].name
+    return None

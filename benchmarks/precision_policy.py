@@ -94,7 +94,9 @@ def run_ort(model: onnx.ModelProto, feed: dict) -> dict[str, np.ndarray]:
 
 def ln_outputs(original: onnx.ModelProto) -> list[str]:
     """The tensor each decomposed LN ends in (its bias Add), named as the exporter wrote it."""
-    return [n.output[0] for n in original.graph.node if n.op_type == "Add" and n.name.endswith("LayerNorm/Add_1")]
+    return [
+        n.output[0] for n in original.graph.node if n.op_type == "Add" and n.name.endswith("LayerNorm/Add_1")
+    ]
 
 
 def keep_precision_head(fused: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -102,21 +104,36 @@ def keep_precision_head(fused: onnx.ModelProto, original: onnx.ModelProto) -> on
     m = onnx.ModelProto()
     m.CopyFrom(fused)
     g = m.graph
-    idx, ln = next((i, n) for i, n in enumerate(g.node) if n.op_type == "LayerNormalization" and "_5" in n.output[0])
+    idx, ln = next(
+        (i, n) for i, n in enumerate(g.node) if n.op_type == "LayerNormalization" and "_5" in n.output[0]
+    )
     cast = g.node[idx + 1]
     out = cast.output[0]
     width = 32
     g.initializer.append(numpy_helper.from_array(np.ones(width, np.float16), "keep_ones"))
     new = [
-        helper.make_node("LayerNormalization", [ln.input[0], "keep_ones"], ["keep_n16"], axis=-1,
-                         epsilon=helper.get_attribute_value(ln.attribute[1]) if ln.attribute[1].name == "epsilon"
-                         else 1e-12, stash_type=1),
+        helper.make_node(
+            "LayerNormalization",
+            [ln.input[0], "keep_ones"],
+            ["keep_n16"],
+            axis=-1,
+            epsilon=helper.get_attribute_value(ln.attribute[1])
+            if ln.attribute[1].name == "epsilon"
+            else 1e-12,
+            stash_type=1,
+        ),
         helper.make_node("Cast", ["keep_n16"], ["keep_n32"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["keep_n32", f"inner.cls.predictions.transform.LayerNorm.weight"], ["keep_m"]),
-        helper.make_node("Add", ["keep_m", f"inner.cls.predictions.transform.LayerNorm.bias"], [out]),
+        helper.make_node("Mul", ["keep_n32", "inner.cls.predictions.transform.LayerNorm.weight"], ["keep_m"]),
+        helper.make_node("Add", ["keep_m", "inner.cls.predictions.transform.LayerNorm.bias"], [out]),
     ]
-    _copy_inits(g, original, ["inner.cls.predictions.transform.LayerNorm.weight",
-                              "inner.cls.predictions.transform.LayerNorm.bias"])
+    _copy_inits(
+        g,
+        original,
+        [
+            "inner.cls.predictions.transform.LayerNorm.weight",
+            "inner.cls.predictions.transform.LayerNorm.bias",
+        ],
+    )
     g.node.remove(cast)
     g.node.remove(ln)
     for k, n in enumerate(new):
@@ -129,14 +146,21 @@ def fp32_head(fused: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelPr
     m = onnx.ModelProto()
     m.CopyFrom(fused)
     g = m.graph
-    idx, ln = next((i, n) for i, n in enumerate(g.node) if n.op_type == "LayerNormalization" and "_5" in n.output[0])
+    idx, ln = next(
+        (i, n) for i, n in enumerate(g.node) if n.op_type == "LayerNormalization" and "_5" in n.output[0]
+    )
     cast = g.node[idx + 1]
-    w, b = "inner.cls.predictions.transform.LayerNorm.weight", "inner.cls.predictions.transform.LayerNorm.bias"
+    w, b = (
+        "inner.cls.predictions.transform.LayerNorm.weight",
+        "inner.cls.predictions.transform.LayerNorm.bias",
+    )
     _copy_inits(g, original, [w, b])
     eps = next(a.f for a in ln.attribute if a.name == "epsilon")
     new = [
         helper.make_node("Cast", [ln.input[0]], ["f32_x"], to=TensorProto.FLOAT),
-        helper.make_node("LayerNormalization", ["f32_x", w, b], [cast.output[0]], axis=-1, epsilon=eps, stash_type=1),
+        helper.make_node(
+            "LayerNormalization", ["f32_x", w, b], [cast.output[0]], axis=-1, epsilon=eps, stash_type=1
+        ),
     ]
     g.node.remove(cast)
     g.node.remove(ln)
@@ -188,7 +212,7 @@ def fp16_stash(fused: onnx.ModelProto) -> onnx.ModelProto | None:
                     a.i = TensorProto.FLOAT16
     try:
         run_ort(m, {"input_ids": np.zeros((1, 4), np.int64)})
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"  (stash_type=10 rejected by ONNX Runtime: {str(err).splitlines()[0][:120]})")
         return None
     return m
@@ -227,9 +251,16 @@ def main() -> None:
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
     auto = onnx.load(str(EXPORTED / "bert_tiny_mlm_autocast_fp16_opset14.onnx"))
     fused = lnfuse.optimize(auto).model
-    report("autocast fp16 (bert_tiny_mlm_autocast_fp16_opset14)", {
-        "original": auto, "lnfuse": fused, "keep": keep_precision_head(fused, auto), "fp32": fp32_head(fused, auto),
-    }, auto)
+    report(
+        "autocast fp16 (bert_tiny_mlm_autocast_fp16_opset14)",
+        {
+            "original": auto,
+            "lnfuse": fused,
+            "keep": keep_precision_head(fused, auto),
+            "fp32": fp32_head(fused, auto),
+        },
+        auto,
+    )
     half = onnx.load(str(EXPORTED / "bert_tiny_fp16_keepio_opset14.onnx"))
     fused_h = lnfuse.optimize(half).model
     variants = {"original": half, "lnfuse": fused_h}

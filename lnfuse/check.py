@@ -951,7 +951,9 @@ def _compare_output(
     rtol, atol = given
     if tol is not None and tol.basis is not Basis.EXACT and ref.dtype.kind == "f":
         rtol, atol = tol.rtol, tol.atol
-    return compare_arrays(name, ref, got, rtol, _run_atol(label, ref, rtol, atol), allow_fixed_overflow, label)
+    return compare_arrays(
+        name, ref, got, rtol, _run_atol(label, ref, rtol, atol), allow_fixed_overflow, label
+    )
 
 
 def _shapes(feeds: Mapping[str, np.ndarray]) -> str:

@@ -110,7 +110,9 @@ class NormPass:
                 )
                 continue
             rule.rewrite(mg, cand, params)
-            removed += [f"{f.split('_')[0]} at '{record.output}'" for f in record.flags if f in _ROUNDING_FLAGS]
+            removed += [
+                f"{f.split('_')[0]} at '{record.output}'" for f in record.flags if f in _ROUNDING_FLAGS
+            ]
             ctx.report.matches.append(record)
             if "fp16_overflow_prone" in params.flags:
                 ctx.report.warnings.append(

@@ -34,7 +34,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_torch import _randomize_layernorms  # noqa: E402
+from export_torch import _randomize_layernorms
 
 OUT_DIR = Path(__file__).resolve().parent / "exported"
 OPSET = 14

@@ -89,7 +89,9 @@ def test_optimize_reports_removed_fp16_rounding() -> None:
     assert [m.output for m in flagged] == ["/inner/cls/predictions/transform/LayerNorm/Add_1_output_0"]
     assert any("16-bit rounding inside 1 norm(s) removed" in w for w in report.warnings)
     # fp32 norms are not flagged, nor are the all-fp16 norms of the converted model (no Cast inside).
-    assert not any(f.endswith("_rounding_removed") for m in lnfuse.optimize(FP32_BLOCK).report.matches for f in m.flags)
+    assert not any(
+        f.endswith("_rounding_removed") for m in lnfuse.optimize(FP32_BLOCK).report.matches for f in m.flags
+    )
     assert not any("16-bit rounding" in w for w in lnfuse.optimize(FP16_KEEPIO).report.warnings)
 
 

@@ -7,8 +7,10 @@ name; each element passes when::
 
     |candidate - original| <= atol + rtol * |original|
 
-with per-dtype defaults (:data:`DEFAULT_TOLERANCES`); integer and bool outputs must match
-exactly. Non-finite values: NaN vs NaN and the same infinity vs itself are equal; NaN/Inf
+with the tolerance of the narrowest float type the original computes through on the way to
+that output (:func:`lnfuse.precision.output_tolerances`: an fp32 output of a model that runs
+fp16 inside is compared at fp16's tolerance, a pure fp32 model at fp32's; explicit
+``rtol``/``atol`` override it); integer and bool outputs must match exactly. Non-finite values: NaN vs NaN and the same infinity vs itself are equal; NaN/Inf
 in the candidate where the original is finite is always a failure; NaN/Inf in the original
 where the candidate is finite is a failure unless ``allow_fixed_overflow`` (then it is
 reported as a fixed overflow).

@@ -199,3 +199,49 @@ def test_fp16_inside_eps_times_10_fails_check() -> None:
     wrong = check(original, _autocast_like_ln(1e-4), input_ranges=small)
     assert not wrong.ok and wrong.failing_outputs == ["y"]
     assert lnfuse.optimize(_autocast_like_ln(1e-4)).changed  # a norm either way; only eps differs
+
+
+# -- the mutation the fuzzer made: an fp32 -> fp16 -> fp32 round trip inside an fp32 LN ---
+
+
+def _fp32_ln_with_round_trip(where: str) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+        numpy_helper.from_array((1 + 0.1 * rng.standard_normal(32)).astype(np.float32), "gamma"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(32)).astype(np.float32), "beta"),
+    ]
+    nodes: list[onnx.NodeProto] = []
+
+    def step(op: str, ins: list[str], out: str, **attrs: object) -> str:
+        nodes.append(helper.make_node(op, ins, [out], **attrs))
+        if out != where:
+            return out
+        nodes.append(helper.make_node("Cast", [out], [out + "_h"], to=TensorProto.FLOAT16))
+        nodes.append(helper.make_node("Cast", [out + "_h"], [out + "_f"], to=TensorProto.FLOAT))
+        return out + "_f"
+
+    mean = step("ReduceMean", ["x"], "mean", axes=[-1])
+    d = step("Sub", ["x", mean], "d")
+    var = step("ReduceMean", [step("Pow", [d, "two"], "sq")], "var", axes=[-1])
+    n = step("Div", [d, step("Sqrt", [step("Add", [var, "eps"], "ve")], "sd")], "n")
+    step("Add", [step("Mul", [n, "gamma"], "g"), "beta"], "y")
+    graph = helper.make_graph(
+        nodes,
+        "round_trip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
+@pytest.mark.parametrize("where", ["mean", "d", "n"])
+def test_round_trip_inside_fp32_ln_is_fused_flagged_and_equal(where: str) -> None:
+    original = _fp32_ln_with_round_trip(where)
+    result = lnfuse.optimize(original)
+    assert [m.flags for m in result.report.matches] == [("cast", Rounding.FLOAT16.value)]
+    checked = check(original, result.model)
+    assert checked.ok, checked.render_text()
+    assert checked.tolerances[0].basis is Basis.INSIDE and checked.tolerances[0].at == f"{where}_h"

@@ -7,8 +7,10 @@ name; each element passes when::
 
     |candidate - original| <= atol + rtol * |original|
 
-with per-dtype defaults (:data:`DEFAULT_TOLERANCES`); integer and bool outputs must match
-exactly. Non-finite values: NaN vs NaN and the same infinity vs itself are equal; NaN/Inf
+with the tolerance of the narrowest float type the original computes through on the way to
+that output (:func:`lnfuse.precision.output_tolerances`: an fp32 output of a model that runs
+fp16 inside is compared at fp16's tolerance, a pure fp32 model at fp32's; explicit
+``rtol``/``atol`` override it); integer and bool outputs must match exactly. Non-finite values: NaN vs NaN and the same infinity vs itself are equal; NaN/Inf
 in the candidate where the original is finite is always a failure; NaN/Inf in the original
 where the candidate is finite is a failure unless ``allow_fixed_overflow`` (then it is
 reported as a fixed overflow).
@@ -45,6 +47,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lnfuse.errors import InputError
+from lnfuse.precision import CHECK_TOLERANCES, Basis, Tolerance, narrowest_inside, output_tolerances
+from lnfuse.precision import subgraph_reads as _subgraph_reads
 from lnfuse.runtime import (
     LEVELS,
     ModelLike,
@@ -70,22 +74,11 @@ __all__ = [
     "tolerances_for",
 ]
 
-#: (rtol, atol) by output dtype name.
-#:
-#: * float32: ~80 ulp at magnitude 1, so re-association inside a fused kernel passes
-#:   while a wrong epsilon, axis, sign or affine parameter does not.
-#: * float16 (11 significant bits, ulp 2**-10 at [1, 2)): 1e-2 + 1e-2*|ref| is 0.02-0.04
-#:   for LayerNorm outputs of magnitude 1-3, i.e. roughly 10-20 ulp; a decomposed fp16
-#:   chain and a fused kernel with an fp32 stash differ by a few ulp.
-#: * bfloat16 (8 significant bits, ulp 2**-7 at [1, 2)): 1e-2 would be about one ulp, so
-#:   the default is 2e-2 + 2e-2*|ref| (about 5 ulp at magnitude 1-2).
-#: * float64: 1e-7 (LayerNormalization's epsilon attribute is a float32, so a fused float64
-#:   norm whose epsilon is not a float32 value differs from the original by up to ~3e-8 relative).
+#: (rtol, atol) by dtype name: :data:`lnfuse.precision.CHECK_TOLERANCES` (why each value).
+#: An output is compared at the tolerance of the narrowest float type the original computes
+#: through on the way to it (:func:`lnfuse.precision.output_tolerances`), not only its dtype's.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-7, 1e-7),
-    "float32": (1e-5, 1e-5),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (2e-2, 2e-2),
+    kind.dtype_name: tol for kind, tol in CHECK_TOLERANCES.items()
 }
 
 # Scale of the large-magnitude run by the widest-risk float input dtype.
@@ -416,21 +409,6 @@ def _expose(model: onnx.ModelProto, types: Mapping[str, int]) -> tuple[onnx.Mode
     return copy, added
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names the subgraphs of ``node`` read (names they define are left out)."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-        for graph in graphs:
-            defined = {v.name for v in graph.input} | {i.name for i in graph.initializer}
-            for inner in graph.node:
-                defined.update(inner.output)
-            for inner in graph.node:
-                reads.update(n for n in inner.input if n and n not in defined)
-                reads.update(n for n in _subgraph_reads(inner) if n not in defined)
-    return reads
-
-
 def _nonfinite_kinds(arr: np.ndarray) -> str:
     a = np.asarray(arr)
     kinds = []
@@ -678,6 +656,8 @@ class CheckResult:
     outputs: tuple[OutputComparison, ...]
     run_labels: tuple[str, ...]
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The tolerance each output was compared with, and why (lnfuse.precision).
+    tolerances: tuple[Tolerance, ...] = ()
 
     @property
     def failures(self) -> list[OutputComparison]:
@@ -706,6 +686,7 @@ class CheckResult:
             "failing_outputs": self.failing_outputs,
             "fixed_overflow": sum(c.fixed_overflow for c in self.outputs),
             "fixed_overflow_at": list(dict.fromkeys(c.overflow_at for c in self.outputs if c.overflow_at)),
+            "tolerances": [t.to_dict() for t in self.tolerances],
             "outputs": [c.to_dict() for c in self.outputs],
         }
 
@@ -721,15 +702,7 @@ class CheckResult:
     def render_text(self) -> str:
         lines = [f"provider: {self.provider} ({self.provider_reason})"]
         lines.append(f"level: {self.level}    runs: {', '.join(self.run_labels) or 'none'}")
-        seeded = [
-            c for c in self.outputs if c.dtype in DEFAULT_TOLERANCES and not c.run_label.startswith("large")
-        ]
-        tol = sorted({(c.dtype, c.rtol, c.atol) for c in seeded})
-        if tol:
-            parts = ", ".join(f"{d}: rtol={r:g} atol={a:g}" for d, r, a in tol)
-            large = any(c.run_label.startswith("large") for c in self.outputs)
-            note = "; large-magnitude run: atol >= rtol*max|ref|" if large else ""
-            lines.append(f"tolerance: |a-b| <= atol + rtol*|ref|  ({parts}{note})")
+        lines += self._tolerance_lines()
         header = ("output", "dtype", "shape", "max abs", "max rel", "worst index", "run", "status")
         rows = [header]
         for comp in self._worst_per_output():
@@ -781,6 +754,17 @@ class CheckResult:
             names = ", ".join(f"'{n}'" for n in self.failing_outputs)
             lines.append(f"verdict: NOT EQUAL (failing output(s): {names})")
         return "\n".join(lines)
+
+    def _tolerance_lines(self) -> list[str]:
+        """The rule, then the tolerance of every float output and why."""
+        floats = [t for t in self.tolerances if t.basis is not Basis.EXACT]
+        if not floats:
+            return []
+        large = any(c.run_label.startswith("large") for c in self.outputs)
+        note = "  (large-magnitude run: atol >= rtol*max|ref|)" if large else ""
+        lines = [f"tolerance: |a-b| <= atol + rtol*|ref|{note}"]
+        lines += [f"  {t.output}: {t.describe()}" for t in floats]
+        return lines
 
     def _first_fixed_per_output(self) -> list[OutputComparison]:
         chosen: dict[str, OutputComparison] = {}
@@ -839,6 +823,9 @@ def _run_plan(
     ]
     if large_magnitude and float_specs:
         kinds = _float_dtypes(proto)
+        inside = narrowest_inside(proto)  # fp16 inside an fp32 graph: fp16's scale
+        if inside is not None and inside.dtype_name in _LARGE_SCALE:
+            kinds.add(inside.dtype_name)
         scale = min(_LARGE_SCALE[k] for k in kinds) if kinds else _LARGE_SCALE["float32"]
         feeds = synthesize_inputs(proto, seed=seed, dims=dims, input_ranges=input_ranges, scale=scale)
         plan.append((f"large(scale={scale:g})", feeds))
@@ -906,6 +893,7 @@ def check(
             comparisons.append(_failure(name, "output not in the original", "all"))
 
     plan = _run_plan(proto_a, runs, seed, dims, input_ranges, inputs, large_magnitude)
+    tolerances = output_tolerances(proto_a, rtol, atol)
     probe: _OverflowProbe | None = None  # made on the first run that needs it
     for label, feeds in plan:
         validate_feeds(proto_b, feeds, what=f"candidate inputs ({label})", allow_extra=True)
@@ -925,9 +913,7 @@ def check(
             comparisons.append(_failure("*", f"candidate failed to run: {_first_line(exc)}", label))
             continue
         run_comps = [
-            compare_arrays(
-                name, ref, got, rtol, _run_atol(label, ref, rtol, atol), allow_fixed_overflow, label
-            )
+            _compare_output(name, ref, got, tolerances.get(name), (rtol, atol), allow_fixed_overflow, label)
             for name, ref, got in zip(common, outs_a, outs_b, strict=True)
         ]
         if allow_fixed_overflow and any(_needs_probe(c) for c in run_comps):
@@ -950,6 +936,25 @@ def check(
         outputs=tuple(comparisons),
         run_labels=tuple(label for label, _ in plan),
         inputs=_describe_inputs(plan[0][1]) if plan else {},
+        tolerances=tuple(t for t in tolerances.values() if t.output in set(common)),
+    )
+
+
+def _compare_output(
+    name: str,
+    ref: np.ndarray,
+    got: np.ndarray,
+    tol: Tolerance | None,
+    given: tuple[float | None, float | None],
+    allow_fixed_overflow: bool,
+    label: str,
+) -> OutputComparison:
+    """:func:`compare_arrays` at the output's policy tolerance (its dtype's when the model does not say)."""
+    rtol, atol = given
+    if tol is not None and tol.basis is not Basis.EXACT and ref.dtype.kind == "f":
+        rtol, atol = tol.rtol, tol.atol
+    return compare_arrays(
+        name, ref, got, rtol, _run_atol(label, ref, rtol, atol), allow_fixed_overflow, label
     )
 
 

@@ -87,8 +87,8 @@ _LEVEL = click.Choice(list(LEVELS), case_sensitive=False)
     "--level", type=_LEVEL, default="disable", show_default=True, help="ORT graph optimization level."
 )
 @click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True, help="Seeded input sets.")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by dtype).")
-@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: by dtype).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: the precision policy).")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: the precision policy).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Size of a symbolic dimension.")
 @click.option("--input-range", "ranges", multiple=True, metavar="NAME=LO:HI", help="Value range of an input.")
 @click.option(

@@ -14,6 +14,7 @@ from typing import NamedTuple, Protocol
 
 from lnfuse.graph import ModelGraph, node_label
 from lnfuse.matcher import Candidate, Refusal
+from lnfuse.precision import Rounding, removed_rounding
 from lnfuse.report import MatchRecord, RefusalRecord, Report
 from lnfuse.rules import AnchorNote, NormParams, NormRule
 
@@ -98,6 +99,7 @@ class NormPass:
             accepted.append((cand, params, record))
         # Phase 2: rewrite (a group all together, or not at all).
         modified = False
+        removed: list[str] = []
         for cand, params, record in accepted:
             if cand.group is not None and cand.group in failed_groups:
                 ctx.report.refusals.append(
@@ -111,6 +113,9 @@ class NormPass:
                 )
                 continue
             rule.rewrite(mg, cand, params)
+            removed += [
+                f"{f.split('_')[0]} at '{record.output}'" for f in record.flags if f in _ROUNDING_FLAGS
+            ]
             ctx.report.matches.append(record)
             if "fp16_overflow_prone" in params.flags:
                 ctx.report.warnings.append(
@@ -118,9 +123,24 @@ class NormPass:
                     "the fused op keeps fp32 statistics (stash_type=1)"
                 )
             modified = True
+        if removed:
+            ctx.report.warnings.append(_rounding_warning(removed))
         if modified:
             mg.commit()
         return PassResult(mg, modified)
+
+
+_ROUNDING_FLAGS = frozenset(r.value for r in Rounding)
+
+
+def _rounding_warning(where: list[str]) -> str:
+    """One line for the pass: which norms lost a 16-bit rounding inside them."""
+    more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+    return (
+        f"16-bit rounding inside {len(where)} norm(s) removed ({where[0]}{more}): the original casts "
+        "down and back inside the norm; the fused op rounds once, at its output, so `lnfuse check` "
+        "compares outputs downstream at the 16-bit type's tolerance"
+    )
 
 
 def _refusal(r: Refusal, pass_name: str) -> RefusalRecord:
@@ -128,6 +148,11 @@ def _refusal(r: Refusal, pass_name: str) -> RefusalRecord:
 
 
 def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> MatchRecord:
+    final = cand.final if cand.final is not None else cand.output
+    flags = set(p.flags)
+    rounding = removed_rounding((*cand.prefix, *cand.nodes, *cand.suffix), mg.dtype, final)
+    if rounding is not None:
+        flags.add(rounding[0].value)
     added = []
     if p.perm is not None:
         added += ["Transpose", "Transpose"]
@@ -137,14 +162,14 @@ def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> M
         op=p.op,
         pattern=p.pattern,
         graph=cand.view.path,
-        output=(cand.final if cand.final is not None else cand.output).name,
+        output=final.name,
         input=rule.input_of(mg, cand, p).name,
         nodes=tuple(node_label(n) for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
         epsilon=p.epsilon,
         axis=p.axis,
         stash_type=p.stash_type,
         normalized_shape=p.normalized_shape,
-        flags=tuple(sorted(p.flags)),
+        flags=tuple(sorted(flags)),
         scale=p.scale_source,
         bias=p.bias_source,
         added=tuple(added),

@@ -6,7 +6,9 @@ Before a rewrite is kept, the match (as it was: its nodes, constants and, for a
 standalone models and run on ONNX Runtime's CPU provider with graph
 optimizations disabled, on seeded random inputs with the match's real dtype,
 normalized shape and constants: one ordinary case (``normal(0.5, 1)``) and one
-large-magnitude case. Outputs must agree within a dtype tolerance. The only
+large-magnitude case. Outputs must agree within the tolerance of the narrowest float
+type the match computes through (:func:`lnfuse.precision.proof_tolerance`: a match with an
+fp16 round trip inside its statistics is held to fp16's, a pure fp32 match to fp32's). The only
 disagreement tolerated is the original overflowing (inf/NaN, as a decomposed
 fp16 layer norm does when ``|x - mean|`` passes ~256) where the fused op stays
 finite. A match that disagrees is refused with the measured error.
@@ -28,15 +30,10 @@ from lnfuse import shapes
 from lnfuse.graph import ModelGraph, np_dtype
 from lnfuse.matcher import Candidate
 from lnfuse.opset import min_ir_version
+from lnfuse.precision import FloatKind, narrowest, proof_tolerance
 from lnfuse.rules import NormParams, NormRule
 
 TP = onnx.TensorProto
-_TOL = {
-    TP.FLOAT: (1e-4, 1e-4),
-    TP.FLOAT16: (2e-2, 2e-2),
-    TP.DOUBLE: (1e-7, 1e-7),
-}  # fp64: eps attribute is float32
-_LARGE_TOL = {TP.FLOAT: 1e-3, TP.FLOAT16: 5e-2, TP.DOUBLE: 1e-6}
 
 
 class Prover:
@@ -114,12 +111,13 @@ class Prover:
 
         sess_a = _session(orig)
         sess_b = _session(fused)
-        rtol, atol = max(_TOL.get(out_dt, (1e-4, 1e-4)), _TOL.get(params.dtype, (1e-4, 1e-4)))
+        narrow = _narrowest(mg, nodes, in_dt, out_dt, params)
+        rtol, atol, large_tol = proof_tolerance([narrow])
         if "one_pass" in params.flags or "unbiased" in params.flags:
             rtol, atol = rtol * 10, atol * 10
         rng = np.random.default_rng(1234)
         cases = [("normal", rng.normal(0.5, 1.0, size=shape))]
-        big = 300.0 if in_dt == TP.FLOAT16 else 1000.0
+        big = 300.0 if narrow.bits <= FloatKind.FLOAT16.bits else 1000.0  # 16-bit inside: fp16's range
         offset = 0.0 if "one_pass" in params.flags else 3.0 * big
         cases.append(("large-magnitude", rng.normal(offset, big, size=shape)))
         self.proofs_run += 1
@@ -143,7 +141,7 @@ class Prover:
             if label == "large-magnitude":
                 # Offset inputs amplify the original's own rounding (Keras' x*s - mean*s, one-pass
                 # variance); this case is there to catch gross errors (sign, eps, overflow).
-                tol = max(tol, _LARGE_TOL.get(out_dt, 1e-3) * scale)
+                tol = max(tol, large_tol * scale)
             if float(np.max(err)) > tol:
                 return f"numeric proof failed ({label}): max abs error {float(np.max(err)):.3g} (tolerance {tol:.3g})"
         return None
@@ -170,6 +168,17 @@ def _binding(
             if not isinstance(d, int):
                 refs[shapes.canonical(mg, inp, i)] = int(shape[i])
     return known, refs
+
+
+def _narrowest(
+    mg: ModelGraph, nodes: list[gs.Node], in_dt: int, out_dt: int, params: NormParams
+) -> FloatKind:
+    """The narrowest float type among the match's input, output, fused dtype and every tensor
+    its nodes compute (a tensor of unknown dtype says nothing; float32 when none is known)."""
+    kinds = [FloatKind.of(in_dt), FloatKind.of(out_dt), FloatKind.of(params.dtype)]
+    for n in nodes:
+        kinds += [FloatKind.of(mg.dtype(t) or 0) for t in n.outputs]
+    return narrowest(kinds) or FloatKind.FLOAT32
 
 
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:

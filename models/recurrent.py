@@ -44,6 +44,9 @@ class ExportedCase:
     steps: int | None = None  # T for unrolled RNNs
     ln_per_step: int | None = None
     notes: str = ""
+    #: Computes through a narrower float type than its outputs (fp16 inside an fp32 graph): compared
+    #: at that type's tolerance (lnfuse.precision), not the output's; see tests/test_precision.py.
+    mixed_precision: bool = False
 
 
 EXPORTED: tuple[ExportedCase, ...] = (
@@ -74,6 +77,21 @@ EXPORTED: tuple[ExportedCase, ...] = (
     ),
     ExportedCase(
         "torch_f_layer_norm_opset12", 1, notes="F.layer_norm(eps=1e-12) with nn.Parameter weight/bias"
+    ),
+    ExportedCase(
+        "bert_tiny_mlm_autocast_fp16_opset14",
+        6,
+        notes="models/export_precision.py: tiny BertForMaskedLM exported under torch.autocast('cpu', "
+        "float16); 5 fp32 LNs, the head's LN rounds through fp16 (fp16 mean/Sub, fp64 variance, "
+        "Cast fp16 -> Cast fp32 before the affine); int64 input_ids, fp32 logits",
+        mixed_precision=True,
+    ),
+    ExportedCase(
+        "bert_tiny_fp16_keepio_opset14",
+        5,
+        notes="models/export_precision.py: tiny BertModel, torch.onnx.export, then onnxconverter-common "
+        "convert_float_to_float16(keep_io_types=True): fp16 inside, fp32 last_hidden_state out",
+        mixed_precision=True,
     ),
     ExportedCase(
         "ln_lstm_unrolled_T8",

@@ -109,7 +109,9 @@ def _op_count(model: onnx.ModelProto, op: str) -> int:
 # Exported fixtures
 # ----------------------------------------------------------------------------
 
-_CASES = [pytest.param(c, id=c.name) for c in EXPORTED]
+# Mixed-precision exports (fp16 inside, fp32 out) are compared at their inner type's tolerance
+# by tests/test_precision.py; assert_same here is the fp32 bound.
+_CASES = [pytest.param(c, id=c.name) for c in EXPORTED if not c.mixed_precision]
 _cache: dict[tuple[str, bool], lnfuse.OptimizeResult] = {}
 
 

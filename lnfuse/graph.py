@@ -168,6 +168,7 @@ class ModelGraph:
         """(Re)build the per-graph indexes; call after a pass committed its rewrites."""
         self.views = []
         self._node_view = {}
+        self._loop_invariant: dict[int, gs.Tensor] = {}  # body input id -> the outer initial value
         stack: list[tuple[gs.Graph, str, GraphView | None]] = [(self.graph, "main", None)]
         while stack:
             g, path, parent = stack.pop()
@@ -180,6 +181,8 @@ class ModelGraph:
                     for sub in _attr_graphs(value):
                         label = node.name or node.op
                         stack.append((sub, f"{path}/{label}:{attr_name}", view))
+                        if node.op == "Loop" and not node.domain and attr_name == "body":
+                            self._loop_invariant.update(_loop_invariants(node, sub))
         self._all_output_ids = set().union(*(v.output_ids for v in self.views))
         self._const_cache.clear()
         self._derived.clear()
@@ -226,6 +229,10 @@ class ModelGraph:
                     value = np.asarray(tensor.values)
             except Exception:  # unloadable (e.g. external data not loaded)
                 value = None
+        elif key in self._loop_invariant and _depth < 8:
+            # A Loop state the body passes through unchanged: its initial value in every iteration
+            # (tf.while_loop carries gamma / beta this way).
+            value = self.const_value(self._loop_invariant[key], _depth + 1)
         elif tensor.inputs and _depth < 8:
             node = tensor.inputs[0]
             if node.op == "Constant" and not node.domain:
@@ -725,6 +732,22 @@ def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]
     seen = {t.name for t in inits}
     inits.extend(t for t in src.initializer if t.name not in seen)
     copy_fields(dst, src, {"initializer", "input", "doc_string"}, clear=True)
+
+
+def _loop_invariants(loop: gs.Node, body: gs.Graph) -> dict[int, gs.Tensor]:
+    """Loop-carried states the body returns unchanged (output ``i - 1`` is input ``i``, through
+    Identity nodes), each mapped to the Loop's initial value for it."""
+    out: dict[int, gs.Tensor] = {}
+    for i in range(2, min(len(body.inputs), len(body.outputs) + 1, len(loop.inputs))):
+        t = body.outputs[i - 1]
+        for _ in range(4):
+            p = t.inputs[0] if t.inputs else None
+            if p is None or p.op != "Identity" or p.domain:
+                break
+            t = p.inputs[0]
+        if t is body.inputs[i] and loop.inputs[i].name:
+            out[id(body.inputs[i])] = loop.inputs[i]
+    return out
 
 
 def _is_shape_gather(node: gs.Node) -> bool:

@@ -49,20 +49,26 @@ class Prover:
         key = _signature(mg, cand, params)
         if key in self.cache:
             return self.cache[key]
-        try:
-            reason = self._prove(mg, rule, cand, params)
-        except Exception as err:  # a proof that cannot run is a refusal, never a crash
-            reason = f"numeric proof could not run: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        reason = ""
+        for shape in _tiny_shapes(mg, rule, cand, params):
+            try:
+                reason = self._prove(mg, rule, cand, params, shape)
+                break
+            except Exception as err:  # a proof that cannot run is a refusal, never a crash
+                reason = (
+                    f"numeric proof could not run: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                )
         self.cache[key] = reason
         return reason
 
-    def _prove(self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> str | None:
+    def _prove(
+        self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams, shape: list[int]
+    ) -> str | None:
         inp = rule.input_of(mg, cand, params)
         in_dt = mg.dtype(inp)
         final = cand.final if cand.final is not None else cand.output
         out_dt = mg.dtype(final)
         assert in_dt is not None and out_dt is not None
-        shape = _tiny_shape(mg, cand, params)
 
         # The original match as a standalone graph.
         names: dict[int, gs.Tensor] = {}
@@ -179,6 +185,16 @@ def _narrowest(
     for n in nodes:
         kinds += [FloatKind.of(mg.dtype(t) or 0) for t in n.outputs]
     return narrowest(kinds) or FloatKind.FLOAT32
+
+
+def _tiny_shapes(mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> list[list[int]]:
+    """The proof's input shape, and when the real input's rank is unknown also ranks one and two
+    higher (the exporter's shape-derived inputs, e.g. an Expand over the rows, may assume one): the
+    first shape whose models run decides."""
+    shape = _tiny_shape(mg, cand, params)
+    if cand.rank is not None or mg.shape(rule.input_of(mg, cand, params)) is not None:
+        return [shape]
+    return [shape, [3, *shape], [3, 2, *shape]]
 
 
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:

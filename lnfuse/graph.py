@@ -83,6 +83,7 @@ _SAME_SHAPE_UNARY = frozenset(
     {"Identity", "Cast", "Relu", "Neg", "Sigmoid", "Tanh", "Abs", "Sqrt", "Reciprocal", "Exp", "Erf"}
 )
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+_LAYOUT_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "MatMul", "Gemm", "Split", "GlobalAveragePool"})
 
 
 def node_label(n: gs.Node) -> str:
@@ -416,9 +417,14 @@ class ModelGraph:
             return None
         if p.op == "Reshape" and len(p.inputs) > 1:
             target = shapes.reshape_target(self, p)
-            return None if target is None else tuple(shapes.as_int(m) for m in target)
+            if target is not None:
+                return tuple(shapes.as_int(m) for m in target)
+            length = self.shape(p.inputs[1])  # at least the rank: the target's own length
+            return (None,) * length[0] if length and len(length) == 1 and isinstance(length[0], int) else None
         if p.op in _SAME_SHAPE_UNARY:
             return self.shape(p.inputs[0])
+        if p.op in _LAYOUT_OPS:
+            return self._layout_shape(p, tensor)
         if p.op not in _BROADCASTING:
             return None
         parts = [self.shape(t) for t in p.inputs]
@@ -428,9 +434,58 @@ class ModelGraph:
         out: list[Dim] = []
         for pos in range(rank, 0, -1):
             sizes = {q[-pos] for q in parts if len(q) >= pos}  # type: ignore[index, arg-type]
-            big = sizes - {1}
-            out.append(1 if not big else big.pop() if len(big) == 1 else None)
+            out.append(_broadcast_dim(sizes))
         return tuple(out)
+
+    def _layout_shape(self, p: gs.Node, tensor: gs.Tensor) -> tuple[Dim, ...] | None:
+        """Output shape of Transpose / Squeeze / Unsqueeze / MatMul / Gemm / Split from its input's."""
+        src = self.shape(p.inputs[0])
+        if src is None:
+            return None
+        r = len(src)
+        if p.op == "GlobalAveragePool":
+            return (*src[:2], *([1] * (r - 2))) if r >= 3 else None
+        if p.op == "Transpose":
+            perm = p.attrs.get("perm") or list(range(r))[::-1]
+            return tuple(src[int(i)] for i in perm) if len(perm) == r else None
+        if p.op in ("MatMul", "Gemm"):
+            w = self.shape(p.inputs[1])
+            if w is None or r < 1 or len(w) < 1 or (p.op == "Gemm" and (r != 2 or len(w) != 2)):
+                return None
+            if p.op == "Gemm":
+                rows = src[1] if p.attrs.get("transA", 0) else src[0]
+                return (rows, w[0] if p.attrs.get("transB", 0) else w[1])
+            return (*src[:-1], w[-1]) if r >= 2 and len(w) == 2 else None
+        axes = self._int_list(p, "axes" if p.op != "Split" else "split")
+        if p.op == "Squeeze":
+            if axes is None:
+                return None
+            drop = {a + r if a < 0 else a for a in axes}
+            return tuple(d for i, d in enumerate(src) if i not in drop)
+        if p.op == "Unsqueeze":
+            if axes is None:
+                return None
+            n = r + len(axes)
+            put = {a + n if a < 0 else a for a in axes}
+            it = iter(src)
+            return tuple(1 if i in put else next(it) for i in range(n))
+        axis = int(p.attrs.get("axis", 0))  # Split
+        axis = axis + r if axis < 0 else axis
+        k = next((i for i, o in enumerate(p.outputs) if o is tensor), None)
+        if k is None or not 0 <= axis < r:
+            return None
+        size: Dim = axes[k] if axes is not None and k < len(axes) else None
+        if axes is None and isinstance(src[axis], int) and src[axis] % len(p.outputs) == 0:
+            size = src[axis] // len(p.outputs)
+        return (*src[:axis], size, *src[axis + 1 :])
+
+    def _int_list(self, node: gs.Node, attr: str) -> list[int] | None:
+        """A list-of-ints argument given as an attribute (old opsets) or a constant second input."""
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            v = self.const_value(node.inputs[1])
+            return None if v is None else [int(a) for a in v.reshape(-1)]
+        value = node.attrs.get(attr)
+        return None if value is None else [int(a) for a in value]
 
     def shape_table(self) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
         """Name -> (elem_type, dims) from ONNX shape inference, computed at most once."""
@@ -732,6 +787,18 @@ def _transplant_graph(dst: onnx.GraphProto, src: onnx.GraphProto, keep: set[str]
     seen = {t.name for t in inits}
     inits.extend(t for t in src.initializer if t.name not in seen)
     copy_fields(dst, src, {"initializer", "input", "doc_string"}, clear=True)
+
+
+def _broadcast_dim(sizes: set[Dim]) -> Dim:
+    """One broadcast dim: a static size > 1 wins over 1 and unknown (the others must be 1 or it);
+    a symbolic size only when every input is known; 1 when all are 1."""
+    ints = {d for d in sizes if isinstance(d, int) and d != 1}
+    if ints:
+        return ints.pop() if len(ints) == 1 else None
+    if None in sizes:
+        return None
+    named = sizes - {1}
+    return 1 if not named else named.pop() if len(named) == 1 else None
 
 
 def _loop_invariants(loop: gs.Node, body: gs.Graph) -> dict[int, gs.Tensor]:

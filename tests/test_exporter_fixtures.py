@@ -56,8 +56,7 @@ CASES = [
     ("tf/tfk_ln_lstm_loop_opset13", 3, 0),
     ("tf/tfk_ln_lstm_loop_opset15", 3, 0),
     ("tf/tfk_ln_lstm_loop_opset17", 3, 0),
-    # gap: gate tensors come from Split at opset 13 with no inferred shape: 11 of 18 left alone.
-    ("tf/tfk_ln_lstm_unrolled_T6_opset13", 7, 0),
+    ("tf/tfk_ln_lstm_unrolled_T6_opset13", 18, 0),  # Split gates' shapes derived by lnfuse
     ("tf/tfk_ln_lstm_unrolled_T6_opset15", 18, 0),
     ("tf/tfk_ln_lstm_unrolled_T6_opset17", 18, 0),
     ("tf/tfk_ln_rank2_opset13", 1, 0),
@@ -66,12 +65,10 @@ CASES = [
     ("tf/tfk_stats_pooling_opset13", 0, 0),
     ("tf/tfk_stats_pooling_opset15", 0, 0),
     ("tf/tfk_stats_pooling_opset17", 0, 0),
-    ("tf/tfk_transformer_postln_opset13", 2, 0),  # rank unknown: the proof tries ranks until it runs
+    ("tf/tfk_transformer_postln_opset13", 2, 0),
     ("tf/tfk_transformer_postln_opset15", 2, 0),
     ("tf/tfk_transformer_postln_opset17", 2, 0),
-    # gap: GlobalAveragePool means of a tensor whose rank shape inference cannot give (after the
-    # attention at opset 13): their axes (2..rank-1) are unknown, 2 of 3 left alone.
-    ("tf/tfk_transformer_preln_eps1e-6_opset13", 1, 0),
+    ("tf/tfk_transformer_preln_eps1e-6_opset13", 3, 0),  # ranks derived past shape inference
     ("tf/tfk_transformer_preln_eps1e-6_opset15", 3, 0),
     ("tf/tfk_transformer_preln_eps1e-6_opset17", 3, 0),
     ("tf/tfk_unitnorm_opset13", 0, 0),
@@ -127,9 +124,7 @@ CASES = [
     ("jax/jax_nnx_rmsnorm_opset23", 0, 1),
 ]
 GAPS = {
-    "tf/tfk_transformer_preln_eps1e-6_opset13",
     "jax/jax_nnx_layernorm_slowvar_opset23",
-    "tf/tfk_ln_lstm_unrolled_T6_opset13",
 }
 
 

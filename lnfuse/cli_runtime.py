@@ -168,7 +168,10 @@ def check_cmd(
         for label, value in (("ORIGINAL", original), ("CANDIDATE", candidate)):
             if Path(value).is_dir():
                 raise InputError(f"{value}: {label} is a folder; give two model files or two folders")
-        result = check(original, candidate, **kwargs)
+        from lnfuse.batch import Spinner, progress_shown
+
+        with Spinner(f"checking {candidate}", progress_shown(quiet)):
+            result = check(original, candidate, **kwargs)
         if as_json:
             _emit_json(result.to_dict())
         else:

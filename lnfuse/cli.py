@@ -63,13 +63,14 @@ def main() -> None:
 
 
 @main.command("optimize")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("models", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output path (default: MODEL.ln.onnx next to MODEL).",
+    help="Output path (default: MODEL.ln.onnx next to MODEL); with several models or a folder, "
+    "an output folder (outputs keep their paths relative to the folder given).",
 )
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
 @click.option(
@@ -131,11 +132,19 @@ def main() -> None:
     help="In --validate, accept outputs where only the original overflowed.",
 )
 @click.option("--allow-invalid", is_flag=True, help="Optimize a model even if it fails onnx.checker.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes for several models (default: one per core, capped by memory).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress indication on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def optimize_cmd(
     ctx: click.Context,
-    model: Path,
+    models: tuple[Path, ...],
     output: Path | None,
     in_place: bool,
     explain: bool,
@@ -153,68 +162,44 @@ def optimize_cmd(
     ranges: tuple[str, ...],
     allow_fixed_overflow: bool,
     allow_invalid: bool,
+    jobs: int | None,
+    quiet: bool,
     debug: bool,
 ) -> None:
-    """Fuse every decomposed norm in MODEL and write the result."""
+    """Fuse every decomposed norm in MODEL (several models, or folders of *.onnx) and write the result."""
 
     def body() -> int:
-        from lnfuse import io as lio
-        from lnfuse.api import optimize
+        from lnfuse import batch
 
-        dim_map = parse_dims(dims)
-        range_map = parse_ranges(ranges)
-        # --validate / --bench compare against the original, so it is loaded here and kept;
-        # otherwise optimize() loads the file itself and may build the result in that copy
-        # (no second copy of the weights).
-        original = lio.load_model(model) if (validate or do_bench) else None
-        out_path = lio.resolve_output_path(model, output, in_place=in_place)
-        result = optimize(
-            original if original is not None else model,
+        opts = batch.OptimizeOptions(
             rmsnorm=rmsnorm,
             hoist=not no_hoist,
             verify=not no_verify,
             allow_transpose=not no_transpose,
             target_opset=target_opset,
             allow_invalid=allow_invalid,
+            validate=validate,
+            bench=do_bench,
+            provider=provider,
+            level=level,
+            dims=parse_dims(dims),
+            ranges=parse_ranges(ranges),
+            allow_fixed_overflow=allow_fixed_overflow,
+            in_place=in_place,
+            bench_progress=False if as_json else None,
         )
-        report = result.report
-        report.source = os.fspath(model)
-        external = lio.has_external_data(model)  # remembered from the load: no second parse
-        code = 0
-        if validate:
-            from lnfuse.check import check
-
-            res = check(
-                original,
-                result.model,
-                provider=provider,
-                level=level,
-                dims=dim_map,
-                input_ranges=range_map,
-                allow_fixed_overflow=allow_fixed_overflow,
-            )
-            report.validation = res.to_dict()
-            if not res.ok:
-                code = 1
-                if not as_json:
-                    click.echo(res.render_text(), err=True)
-        if do_bench and code == 0:
-            from lnfuse.bench import bench
-
-            b = bench(
-                original, result.model, provider=provider, dims=dim_map, progress=False if as_json else None
-            )
-            report.benchmark = b.to_dict()
-        if code == 0:
-            # Mirror the input: external data in, external data out (one file next to the output).
-            lio.save_model(
-                result.model,
-                out_path,
-                external_data=True if external else None,
-                size_threshold=0 if external else 1024,
-            )
-        _emit(report, as_json, explain, out_path if code == 0 else None)
-        if code != 0:
+        if len(models) > 1 or models[0].is_dir():
+            plan = batch.plan_optimize(models, output)
+            return batch.run_command(batch.optimize_worker, plan, opts, jobs, "optimize", as_json, quiet)
+        (model,) = models
+        shown = batch.progress_shown(quiet) and not do_bench  # --bench draws its own progress
+        with batch.quiet_graphsurgeon(), batch.Spinner(f"optimizing {model}", shown):
+            out = batch.optimize_file(model, output, opts)
+        if out.failure_text and not as_json:
+            click.echo(out.failure_text, err=True)
+        report = out.report
+        _emit(report, as_json, explain, out.written)
+        if out.code != 0:
             failing = (
                 [o.get("name") for o in (report.validation or {}).get("failures", [])]
                 if report.validation
@@ -224,7 +209,7 @@ def optimize_cmd(
                 f"lnfuse: error: validation failed{(' for ' + ', '.join(map(str, failing))) if failing else ''}; nothing written",
                 err=True,
             )
-        return code
+        return out.code
 
     _guard(ctx, debug, body)
 

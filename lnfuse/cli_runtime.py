@@ -80,8 +80,8 @@ _LEVEL = click.Choice(list(LEVELS), case_sensitive=False)
 
 
 @click.command("check")
-@click.argument("original", type=click.Path(dir_okay=False))
-@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.argument("original", type=click.Path())
+@click.argument("candidate", type=click.Path())
 @click.option("--provider", type=_PROVIDER, default="auto", show_default=True, help="Execution provider.")
 @click.option(
     "--level", type=_LEVEL, default="disable", show_default=True, help="ORT graph optimization level."
@@ -102,6 +102,14 @@ _LEVEL = click.Choice(list(LEVELS), case_sensitive=False)
     help="Accept NaN/Inf in the original where the candidate is finite.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes for two folders (default: one per core, capped by memory).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress indication on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 def check_cmd(
@@ -120,19 +128,25 @@ def check_cmd(
     no_large_magnitude: bool,
     allow_fixed_overflow: bool,
     as_json: bool,
+    jobs: int | None,
+    quiet: bool,
     debug: bool,
 ) -> None:
-    """Check that CANDIDATE computes the same outputs as ORIGINAL (exit 0 equal, 1 not, 2 bad input)."""
+    """Check that CANDIDATE computes the same outputs as ORIGINAL (exit 0 equal, 1 not, 2 bad input).
+
+    With two folders, every ORIGINAL_DIR/**/*.onnx is checked against CANDIDATE_DIR at the same
+    relative path, in worker processes, with a summary table (or one JSON document) at the end.
+    """
 
     def body() -> int:
+        from pathlib import Path
+
         from lnfuse.check import check
 
         for label, value in (("--rtol", rtol), ("--atol", atol)):
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise InputError(f"{label} must be a finite number >= 0, got {value}")
-        result = check(
-            original,
-            candidate,
+        kwargs: dict[str, Any] = dict(
             provider=provider.lower(),
             level=level.lower(),
             runs=runs,
@@ -145,6 +159,19 @@ def check_cmd(
             large_magnitude=not no_large_magnitude,
             allow_fixed_overflow=allow_fixed_overflow,
         )
+        if Path(original).is_dir():
+            from lnfuse import batch
+
+            plan = batch.plan_check(Path(original), Path(candidate))
+            opts = batch.CheckOptions(kwargs)
+            return batch.run_command(batch.check_worker, plan, opts, jobs, "check", as_json, quiet)
+        for label, value in (("ORIGINAL", original), ("CANDIDATE", candidate)):
+            if Path(value).is_dir():
+                raise InputError(f"{value}: {label} is a folder; give two model files or two folders")
+        from lnfuse.batch import Spinner, progress_shown
+
+        with Spinner(f"checking {candidate}", progress_shown(quiet)):
+            result = check(original, candidate, **kwargs)
         if as_json:
             _emit_json(result.to_dict())
         else:

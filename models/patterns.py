@@ -26,8 +26,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import onnx
-import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
+
+from models.inline import inline_local_functions
 
 __all__ = [
     "ALL",
@@ -716,7 +717,8 @@ def _function_expanded() -> Case:
                 [x_info.type.SerializeToString()] + [param_type.SerializeToString()] * 2,
             )
         )
-        # Re-home the schema's function as a model-local function so onnx.inliner expands it.
+        # Re-home the schema's function as a model-local function so it can be inlined
+        # (models.inline: what onnx.inliner does, also on onnx < 1.15).
         body.domain = domain
         node.domain = domain
         del node.attribute[:]
@@ -734,7 +736,7 @@ def _function_expanded() -> Case:
             producer_name="lnfuse.models",
             functions=[body],
         )
-        model = onnx.inliner.inline_local_functions(model)
+        model = inline_local_functions(model)
         kept = [o for o in model.opset_import if o.domain != domain]
         del model.opset_import[:]
         model.opset_import.extend(kept)

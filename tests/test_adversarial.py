@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx.inliner
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
@@ -19,6 +18,7 @@ from onnx import numpy_helper as nh
 
 import lnfuse
 from lnfuse.protos import iter_nodes
+from models.inline import inline_local_functions
 
 vi = oh.make_tensor_value_info
 
@@ -167,7 +167,7 @@ def _expanded(shape: list, dtype: int = TP.FLOAT) -> onnx.ModelProto:
     m = oh.make_model(
         g, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("exp", 1)], ir_version=8, functions=[body]
     )
-    m = onnx.inliner.inline_local_functions(m)
+    m = inline_local_functions(m)
     kept = [o for o in m.opset_import if o.domain != "exp"]
     del m.opset_import[:]
     m.opset_import.extend(kept)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -65,6 +66,7 @@ def test_global_average_pool_is_the_mean() -> None:
     assert _fused(_keras_gap()) == ["LayerNormalization"]
 
 
+@pytest.mark.needs_opset(23)
 def test_reduce_sum_square_rmsnorm() -> None:
     nodes = [
         h.make_node("ReduceSumSquare", ["x"], ["ss"], axes=[-1]),

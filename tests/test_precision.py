@@ -25,8 +25,8 @@ from lnfuse.precision import Basis, FloatKind, Rounding, output_tolerances, proo
 from models.recurrent import EXPORTED, count_decomposed_ln
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = sorted((ROOT / "models" / "fixtures").glob("*.onnx")) + sorted(
-    (ROOT / "models" / "exported").glob("*.onnx")
+MODELS = sorted((ROOT / "models" / "fixtures").rglob("*.onnx")) + sorted(
+    (ROOT / "models" / "exported").rglob("*.onnx")
 )
 AUTOCAST = ROOT / "models" / "exported" / "bert_tiny_mlm_autocast_fp16_opset14.onnx"
 FP16_KEEPIO = ROOT / "models" / "exported" / "bert_tiny_fp16_keepio_opset14.onnx"
@@ -43,6 +43,9 @@ def invoke(*args: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_optimize_then_check_and_validate(path: Path, tmp_path: Path) -> None:
+    opset = next(o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx"))
+    if opset > onnx.defs.onnx_opset_version():
+        pytest.skip(f"opset {opset} is newer than onnx {onnx.__version__}")
     plain, validated = tmp_path / "plain.onnx", tmp_path / "validated.onnx"
     res = invoke("optimize", str(path), "-o", str(plain))
     assert res.exit_code == 0, res.output

@@ -596,8 +596,15 @@ def _tolerance(built: Built) -> float:
     if F16 in built.dtypes:
         return 3e-2
     if F32 in built.dtypes:
-        return 1e-3 if built.one_pass else 1e-4
+        return 1e-3 if built.one_pass or _ORT_CANCELS else 1e-4
     return 1e-8
+
+
+# Older ONNX Runtime (seen on the 1.21 floor, not on 1.31) computes LayerNormalization's variance
+# with the cancellation of a one-pass E[x^2] - E[x]^2 on rows whose mean is large against their
+# spread: the fused op is then held to the one-pass tolerance (seen: 1.8e-4 on a chain whose first
+# block is a ReduceSum look-alike, so the second LN's rows sit far from zero).
+_ORT_CANCELS = tuple(int(p) for p in ort.__version__.split(".")[:2]) < (1, 31)
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -14,6 +14,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
@@ -26,6 +27,7 @@ from lnfuse.protos import INFER_LIMIT, copy_fields, iter_nodes, serialized_below
 from lnfuse.report import Group, Report
 
 MIN_SUPPORTED_OPSET = 7
+LAZY_ABOVE = 1 << 20  # lazy_external: weights over this many bytes stay on disk
 
 
 @dataclass
@@ -35,14 +37,26 @@ class OptimizeResult:
     model: onnx.ModelProto
     report: Report
     changed: bool
+    # With ``lazy_external``: the directory the model's still-external weights are relative to.
+    external_dir: Path | None = None
+
+    def save(self, path: str | os.PathLike, **options: object) -> Path:
+        """Write the model atomically (``lnfuse.io.save_model``), streaming weights left on disk."""
+        from lnfuse import io as lio
+
+        if self.external_dir is not None:
+            options.setdefault("external_source", self.external_dir)
+        return lio.save_model(self.model, path, **options)  # type: ignore[arg-type]
 
 
-def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+def _load(
+    model_or_path: onnx.ModelProto | str | os.PathLike, lazy: bool = False
+) -> tuple[onnx.ModelProto, str]:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, model_or_path.graph.name or "<model>"
     from lnfuse import io as lio
 
-    model = lio.load_model(model_or_path)
+    model = lio.load_model(model_or_path, keep_external_above=LAZY_ABOVE if lazy else None)
     return model, os.fspath(model_or_path)
 
 
@@ -57,6 +71,7 @@ def optimize(
     check_output: bool = True,
     allow_invalid: bool = False,
     passes: tuple | None = None,
+    lazy_external: bool = False,
 ) -> OptimizeResult:
     """Fuse decomposed LayerNorm (and, with ``rmsnorm=True``, RMSNorm) in ``model``.
 
@@ -65,6 +80,9 @@ def optimize(
     ``onnx.checker`` is refused unless ``allow_invalid``. ``verify`` runs the
     per-match numeric proof on ONNX Runtime (CPU, tiny tensors). ``target_opset``
     raises the default opset to at least that version (exactly, or not at all).
+    ``lazy_external`` (a path only): initializers over 1 MiB stored as external data are never
+    read; the result still references them and :meth:`OptimizeResult.save` copies them into the
+    output's data file in chunks (peak memory no longer grows with the weights).
     Returns an :class:`OptimizeResult`; raises :class:`~lnfuse.errors.InputError`
     for unusable input.
     """
@@ -74,7 +92,7 @@ def optimize(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _optimize(
+        result = _optimize(
             model,
             rmsnorm=rmsnorm,
             hoist=hoist,
@@ -84,7 +102,11 @@ def optimize(
             check_output=check_output,
             allow_invalid=allow_invalid,
             passes=passes,
+            lazy=lazy_external,
         )
+        if lazy_external and not isinstance(model, onnx.ModelProto):
+            result.external_dir = Path(os.fspath(model)).parent
+        return result
     finally:
         if was_enabled:
             gc.enable()
@@ -101,9 +123,10 @@ def _optimize(
     check_output: bool,
     allow_invalid: bool,
     passes: tuple | None,
+    lazy: bool = False,
 ) -> OptimizeResult:
     t0 = time.perf_counter()
-    proto, source = _load(model)
+    proto, source = _load(model, lazy)
     report = Report(source=source)
     old = opset_mod.default_opset(proto)
     report.opset_before = report.opset_after = old
@@ -190,7 +213,7 @@ def _optimize(
 
     def original() -> onnx.ModelProto:
         """The input as it was (re-read from its file when the export was built in it)."""
-        return _load(model)[0] if consumed else proto
+        return _load(model, lazy)[0] if consumed else proto
 
     need = max(
         [
@@ -244,7 +267,7 @@ def _without_big_weights(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.M
     g = model.graph
     copy_fields(out.graph, g, {"initializer"})
     for init in g.initializer:
-        if tensor_nbytes(init) > limit:
+        if tensor_nbytes(init) > limit or init.data_location == onnx.TensorProto.EXTERNAL:
             out.graph.input.append(
                 onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
             )
@@ -257,15 +280,20 @@ def _full_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker.check_model(full_check=True)``; big models are checked without their weights."""
     from lnfuse import io as lio
 
-    data = serialized_below(model, INFER_LIMIT)
+    data = None if _has_external(model) else serialized_below(model, INFER_LIMIT)
     if data is not None:
         return lio.checker_problem(model, data)
     return lio.checker_problem(_without_big_weights(model))
 
 
+def _has_external(model: onnx.ModelProto) -> bool:
+    """Main-graph weights left on disk (``lazy_external``): checked without them."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def _light_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker`` without the full shape-inference pass (cheap on big models)."""
-    data = serialized_below(model, INFER_LIMIT)
+    data = None if _has_external(model) else serialized_below(model, INFER_LIMIT)
     try:
         onnx.checker.check_model(data if data is not None else _without_big_weights(model), full_check=False)
     except Exception as err:

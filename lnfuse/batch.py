@@ -121,6 +121,7 @@ def optimize_file(model: Path, output: Path | None, opts: OptimizeOptions) -> Ou
         allow_transpose=opts.allow_transpose,
         target_opset=opts.target_opset,
         allow_invalid=opts.allow_invalid,
+        lazy_external=original is None,  # big external weights stay on disk, streamed at the save
     )
     report = result.report
     report.source = os.fspath(model)
@@ -150,11 +151,8 @@ def optimize_file(model: Path, output: Path | None, opts: OptimizeOptions) -> Ou
         report.benchmark = b.to_dict()
     if outcome.code == 0:
         # Mirror the input: external data in, external data out (one file next to the output).
-        lio.save_model(
-            result.model,
-            out_path,
-            external_data=True if external else None,
-            size_threshold=0 if external else 1024,
+        result.save(
+            out_path, external_data=True if external else None, size_threshold=0 if external else 1024
         )
         outcome.written = out_path
     return outcome

@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError, EncodeError, Message
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, numpy_helper
 
 from lnfuse.errors import InputError
-from lnfuse.protos import copy_fields, is_repeated, serialized_below
+from lnfuse.protos import copy_fields, is_repeated, iter_graphs, serialized_below
 
 __all__ = [
     "checker_problem",
@@ -312,8 +312,14 @@ def _safe_location(location: str, base_dir: Path, tensor: TensorProto, model_sho
 
 
 def _load_external(
-    model: ModelProto, base_dir: Path, model_shown: str, external: list[TensorProto] | None = None
+    model: ModelProto,
+    base_dir: Path,
+    model_shown: str,
+    external: list[TensorProto] | None = None,
+    keep_above: int | None = None,
 ) -> None:
+    """Validate every external reference, then read the data into the tensors (all of them, or with
+    ``keep_above`` only those of at most that many bytes: larger initializers stay on disk)."""
     if external is None:
         external = [t for t in _all_tensors(model) if _is_external(t)]
     if not external:
@@ -361,13 +367,16 @@ def _load_external(
             )
     # 2. Read.
     handles: dict[Path, BinaryIO] = {}
+    stays = _initializer_ids(model) if keep_above is not None else set()
     try:
         for tensor, location, target, offset, length in plans:
+            want = sizes[target] - offset if length is None else length
+            if id(tensor) in stays and want > keep_above:  # type: ignore[operator]
+                continue
             f = handles.get(target)
             if f is None:
                 f = handles[target] = open(target, "rb")  # noqa: SIM115 - closed in finally
             f.seek(offset)
-            want = sizes[target] - offset if length is None else length
             data = f.read(want)
             if len(data) != want:
                 raise InputError(
@@ -384,11 +393,19 @@ def _load_external(
             f.close()
 
 
-def load_model(path: PathLike, *, load_external_data: bool = True) -> ModelProto:
+def _initializer_ids(model: ModelProto) -> set[int]:
+    return {id(t) for g in iter_graphs(model.graph) for t in g.initializer}
+
+
+def load_model(
+    path: PathLike, *, load_external_data: bool = True, keep_external_above: int | None = None
+) -> ModelProto:
     """Load an ONNX model file read-only.
 
     External data referenced by the model is read (when ``load_external_data``) only
-    from files inside the model's directory.  Locations are checked (absolute paths and
+    from files inside the model's directory; with ``keep_external_above`` initializers larger
+    than that many bytes stay on disk (validated, not read): save such a model with
+    :func:`save_model`'s ``external_source``.  Locations are checked (absolute paths and
     paths resolving outside the directory are refused) even when the data is not
     loaded.  Every problem raises :class:`InputError` with a one-line message naming
     the file.  The file and its external data are never modified.
@@ -401,7 +418,7 @@ def load_model(path: PathLike, *, load_external_data: bool = True) -> ModelProto
     shown = str(p)
     base_dir = p.parent if str(p.parent) else Path(".")
     if load_external_data:
-        _load_external(model, base_dir, shown, external)
+        _load_external(model, base_dir, shown, external, keep_external_above)
     else:
         for tensor in external:
             location, _offset, _length = _external_info(tensor, shown)
@@ -880,10 +897,13 @@ class _ExternalWriter:
 
     _SKIP = frozenset(("raw_data", "external_data", "data_location", *_TYPED_FIELDS))
 
-    def __init__(self, data_file: BinaryIO, data_name: str, size_threshold: int) -> None:
+    def __init__(
+        self, data_file: BinaryIO, data_name: str, size_threshold: int, source: Path | None = None
+    ) -> None:
         self.data_file = data_file
         self.data_name = data_name
         self.size_threshold = size_threshold
+        self.source = source  # where still-external tensors' references point (streamed from there)
         self.offset = 0
 
     def model(self, model: ModelProto) -> bytes:
@@ -903,32 +923,62 @@ class _ExternalWriter:
         return attr.SerializeToString()
 
     def tensor(self, tensor: TensorProto) -> bytes:
+        if _is_external(tensor) and self.source is not None:
+            return self._stub(tensor, self._stream(tensor))
         raw = _tensor_bytes(tensor)
         if raw is None or len(raw) == 0 or len(raw) < self.size_threshold:
             return tensor.SerializeToString()
         self.data_file.write(raw)
+        return self._stub(tensor, len(raw))
+
+    def _stream(self, tensor: TensorProto) -> int:
+        """Copy a still-external tensor's bytes from its source file in chunks; their count."""
+        assert self.source is not None
+        shown = str(self.source)
+        location, offset, length = _external_info(tensor, shown)
+        target = _safe_location(location, self.source, tensor, shown)
+        with open(target, "rb") as f:
+            f.seek(offset)
+            left = (os.fstat(f.fileno()).st_size - offset) if length is None else length
+            total = left
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise InputError(
+                        f"external data of tensor {_tensor_label(tensor)} in {location!r} ends early"
+                    )
+                self.data_file.write(chunk)
+                left -= len(chunk)
+        return total
+
+    def _stub(self, tensor: TensorProto, nbytes: int) -> bytes:
         stub = TensorProto()
         copy_fields(stub, tensor, self._SKIP)
         stub.data_location = TensorProto.EXTERNAL
         for key, value in (
             ("location", self.data_name),
             ("offset", str(self.offset)),
-            ("length", str(len(raw))),
+            ("length", str(nbytes)),
         ):
             entry = stub.external_data.add()
             entry.key = key
             entry.value = value
-        self.offset += len(raw)
+        self.offset += nbytes
         return stub.SerializeToString()
 
 
 def _write_external(
-    model: ModelProto, out: Path, data_name: str, size_threshold: int, data_fd: int
+    model: ModelProto,
+    out: Path,
+    data_name: str,
+    size_threshold: int,
+    data_fd: int,
+    source: Path | None = None,
 ) -> tuple[bytes, int]:
     """Write the selected initializers to ``data_fd`` (then fsync and close it) and
     return the serialized model pointing at ``data_name`` and the data size."""
     with os.fdopen(data_fd, "wb", closefd=True) as f:
-        writer = _ExternalWriter(f, data_name, size_threshold)
+        writer = _ExternalWriter(f, data_name, size_threshold, source)
         blob = writer.model(model)
         f.flush()
         os.fsync(f.fileno())
@@ -950,6 +1000,7 @@ def save_model(
     *,
     external_data: bool | None = None,
     size_threshold: int = 1024,
+    external_source: PathLike | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the (absolute) path.
 
@@ -972,13 +1023,19 @@ def save_model(
     field with small stubs in place of the externalized tensors, so besides the model
     itself only one tensor's bytes are held at a time.  (Unknown protobuf fields of
     the model, graphs, nodes and attributes on that path are not kept.)  A model that
-    still references external data (loaded without its data) cannot be saved and
-    raises InputError.
+    still references external data (loaded without its data) can be saved only with
+    ``external_source``, the directory those references are relative to: each such initializer is
+    copied from there into the output's data file in chunks, byte for byte (never read whole);
+    otherwise InputError.
     """
     out = Path(os.path.abspath(os.fspath(path)))
     directory = out.parent
+    source = Path(os.fspath(external_source)) if external_source is not None else None
     for tensor in _all_tensors(model):
         if _is_external(tensor):
+            if source is not None and any(e.key == "location" and e.value for e in tensor.external_data):
+                external_data = True
+                continue
             if not any(e.key == "location" and e.value for e in tensor.external_data):
                 raise InputError(
                     f"cannot write {out}: tensor {_tensor_label(tensor)} is marked as external data "
@@ -1007,7 +1064,7 @@ def save_model(
             data_name = out.name + ".data"
             data_path = directory / data_name
             fd, data_tmp = new_temp(data_name)
-            blob, written = _write_external(model, out, data_name, size_threshold, fd)
+            blob, written = _write_external(model, out, data_name, size_threshold, fd, source)
             if written == 0:
                 _remove(temps)
                 data_tmp = None

@@ -16,7 +16,7 @@ from lnfuse.graph import ModelGraph, node_label
 from lnfuse.matcher import Candidate, Refusal
 from lnfuse.precision import Rounding, removed_rounding
 from lnfuse.report import MatchRecord, RefusalRecord, Report
-from lnfuse.rules import AnchorNote, NormParams, NormRule
+from lnfuse.rules import AnchorNote, NormParams, NormRule, undoing_transpose
 
 
 class PassResult(NamedTuple):
@@ -155,7 +155,9 @@ def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> M
         flags.add(rounding[0].value)
     added = []
     if p.perm is not None:
-        added += ["Transpose", "Transpose"]
+        out = cand.final if cand.final is not None else cand.output
+        # A Transpose by the same perm after the match cancels the one back (see rules.rewrite).
+        added += ["Transpose"] if undoing_transpose(mg, out, p) is not None else ["Transpose", "Transpose"]
     if p.out_cast is not None:
         added.append("Cast")
     return MatchRecord(

@@ -517,7 +517,7 @@ class NormRule:
             }
             replaced += list(direct.values())
             side = [(kind, direct[kind].outputs[0] if kind in direct else t) for kind, t in side]
-        undo = _undoing_transpose(mg, out, params)
+        undo = undoing_transpose(mg, out, params)
         if undo is not None:  # LN over channels then the exporter's own Transpose to channels-last
             replaced.append(undo)
             out = undo.outputs[0]
@@ -526,7 +526,7 @@ class NormRule:
         mg.replace(cand.view, replaced, anchor, new_nodes)
 
 
-def _undoing_transpose(mg: ModelGraph, out: gs.Tensor, params: NormParams) -> gs.Node | None:
+def undoing_transpose(mg: ModelGraph, out: gs.Tensor, params: NormParams) -> gs.Node | None:
     """The one reader of ``out``, when it is a Transpose by the fused op's own ``perm``: it undoes the
     Transpose back, so the norm's result in the transposed layout is what it computes."""
     if params.perm is None or params.out_cast is not None or mg.is_graph_output(out) or len(out.outputs) != 1:

@@ -10,7 +10,6 @@ is returned as the very same ``ModelProto``, so optimizing twice changes nothing
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import dataclass
@@ -39,6 +38,9 @@ class OptimizeResult:
     changed: bool
     # With ``lazy_external``: the directory the model's still-external weights are relative to.
     external_dir: Path | None = None
+    # When optimize() was given an onnx_graphsurgeon.Graph: the result as one (public
+    # gs.import_onnx of ``model``), for TensorRT pipelines.
+    graph: object | None = None
 
     def save(self, path: str | os.PathLike, **options: object) -> Path:
         """Write the model atomically (``lnfuse.io.save_model``), streaming weights left on disk."""
@@ -61,7 +63,7 @@ def _load(
 
 
 def optimize(
-    model: onnx.ModelProto | str | os.PathLike,
+    model: onnx.ModelProto | str | os.PathLike | object,
     *,
     rmsnorm: bool = False,
     hoist: bool = True,
@@ -75,7 +77,8 @@ def optimize(
 ) -> OptimizeResult:
     """Fuse decomposed LayerNorm (and, with ``rmsnorm=True``, RMSNorm) in ``model``.
 
-    ``model`` is a ``ModelProto`` (not modified) or a path (loaded here, so its weights
+    ``model`` is a ``ModelProto`` (not modified), an ``onnx_graphsurgeon.Graph`` (not modified;
+    the result is also given as one, ``result.graph``) or a path (loaded here, so its weights
     move into the result rather than being copied: a path costs less memory); a model that fails
     ``onnx.checker`` is refused unless ``allow_invalid``. ``verify`` runs the
     per-match numeric proof on ONNX Runtime (CPU, tiny tensors). ``target_opset``
@@ -86,30 +89,36 @@ def optimize(
     Returns an :class:`OptimizeResult`; raises :class:`~lnfuse.errors.InputError`
     for unusable input.
     """
-    # The cyclic GC would scan the (cyclic) onnx-graphsurgeon graph again and again: full
-    # collections cost ~0.3 s each on a 110k-node model and their number grows with the heap
-    # (14 on 10,000 LN blocks vs 3 on 1,000). Nothing here needs it; it runs again on return.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        result = _optimize(
-            model,
-            rmsnorm=rmsnorm,
-            hoist=hoist,
-            verify=verify,
-            allow_transpose=allow_transpose,
-            target_opset=target_opset,
-            check_output=check_output,
-            allow_invalid=allow_invalid,
-            passes=passes,
-            lazy=lazy_external,
-        )
-        if lazy_external and not isinstance(model, onnx.ModelProto):
-            result.external_dir = Path(os.fspath(model)).parent
-        return result
-    finally:
-        if was_enabled:
-            gc.enable()
+    gs_graph = _is_graphsurgeon_graph(model)
+    if gs_graph:
+        import onnx_graphsurgeon as gs
+
+        model = gs.export_onnx(model)  # type: ignore[arg-type]
+    result = _optimize(
+        model,
+        rmsnorm=rmsnorm,
+        hoist=hoist,
+        verify=verify,
+        allow_transpose=allow_transpose,
+        target_opset=target_opset,
+        check_output=check_output,
+        allow_invalid=allow_invalid,
+        passes=passes,
+        lazy=lazy_external,
+    )
+    if lazy_external and not isinstance(model, onnx.ModelProto):
+        result.external_dir = Path(os.fspath(model)).parent
+    if gs_graph:
+        import onnx_graphsurgeon as gs
+
+        result.graph = gs.import_onnx(result.model)
+    return result
+
+
+def _is_graphsurgeon_graph(obj: object) -> bool:
+    """An ``onnx_graphsurgeon.Graph`` (checked without importing onnx-graphsurgeon)."""
+    cls = type(obj)
+    return cls.__name__ == "Graph" and cls.__module__.startswith("onnx_graphsurgeon")
 
 
 def _optimize(

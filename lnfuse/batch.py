@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import mmap
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -39,7 +38,6 @@ __all__ = [
     "optimize_file",
     "plan_check",
     "plan_optimize",
-    "quiet_graphsurgeon",
     "run_jobs",
     "summary_json",
     "summary_text",
@@ -158,25 +156,6 @@ def optimize_file(model: Path, output: Path | None, opts: OptimizeOptions) -> Ou
     return outcome
 
 
-@contextlib.contextmanager
-def quiet_graphsurgeon() -> Iterator[None]:
-    """onnx-graphsurgeon's logger at ERROR for the block, then as it was.
-
-    Its importer warns on stderr about every BFLOAT16 tensor ("... will have a different type
-    than the original model when they are exported again") although lnfuse keeps such tensors'
-    bytes as they are. The CLI (and its workers) wrap their work in this; the library API does
-    not touch the logger, which is process-global state of onnx-graphsurgeon.
-    """
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    before = G_LOGGER.severity
-    G_LOGGER.severity = G_LOGGER.ERROR
-    try:
-        yield
-    finally:
-        G_LOGGER.severity = before
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -268,13 +247,12 @@ def optimize_worker(job: Job, opts: OptimizeOptions) -> Row:
     """One model of ``lnfuse optimize``, in a worker: :func:`optimize_file`, then its row."""
     t0 = time.perf_counter()
     try:
-        with quiet_graphsurgeon():
-            if job.output is not None:
-                try:
-                    job.output.parent.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    raise InputError(f"cannot create {job.output.parent}: {err.strerror or err}") from None
-            out = optimize_file(job.source, job.output, opts)
+        if job.output is not None:
+            try:
+                job.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"cannot create {job.output.parent}: {err.strerror or err}") from None
+        out = optimize_file(job.source, job.output, opts)
     except Exception as err:
         return _failed(job, err, t0)
     r = out.report

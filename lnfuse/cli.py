@@ -193,7 +193,7 @@ def optimize_cmd(
             return batch.run_command(batch.optimize_worker, plan, opts, jobs, "optimize", as_json, quiet)
         (model,) = models
         shown = batch.progress_shown(quiet) and not do_bench  # --bench draws its own progress
-        with batch.quiet_graphsurgeon(), batch.Spinner(f"optimizing {model}", shown):
+        with batch.Spinner(f"optimizing {model}", shown):
             out = batch.optimize_file(model, output, opts)
         if out.failure_text and not as_json:
             click.echo(out.failure_text, err=True)

@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from lnfuse import shapes
+from lnfuse import ir, shapes
 from lnfuse import symbolic as S
 from lnfuse import views as V
 from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph, node_label
@@ -65,26 +64,26 @@ class Candidate:
     """One complete normalization found in the graph (not yet checked)."""
 
     view: GraphView
-    x: gs.Tensor
+    x: ir.Tensor
     axes: tuple[int, ...]  # negative axes when the rank is known or they were given negative
     rank: int | None
-    output: gs.Tensor
-    nodes: list[gs.Node]  # the match, in graph order; nodes[-1] produces ``output``
+    output: ir.Tensor
+    nodes: list[ir.Node]  # the match, in graph order; nodes[-1] produces ``output``
     form: S.NormForm
     values: dict[int, S.Sym]
-    const_inputs: list[gs.Tensor]
+    const_inputs: list[ir.Tensor]
     flags: frozenset[str]
     axes_positive: bool = False
     # Set by the rule's check: what the fused op reads and writes, and the nodes around the
     # match that it also replaces (a 16-bit Cast island, a Flatten/Reshape sandwich).
-    side_outputs: list[tuple[str, gs.Tensor]] = field(default_factory=list)  # ("mean"|"inv_std", tensor)
-    x_aliases: list[gs.Node] = field(default_factory=list)  # duplicate Casts producing copies of x
+    side_outputs: list[tuple[str, ir.Tensor]] = field(default_factory=list)  # ("mean"|"inv_std", tensor)
+    x_aliases: list[ir.Node] = field(default_factory=list)  # duplicate Casts producing copies of x
     group: int | None = None  # candidates sharing nodes: rewritten all together or not at all
-    side_nodes: list[gs.Node] = field(default_factory=list)  # outside readers that compute only those
-    source: gs.Tensor | None = None
-    final: gs.Tensor | None = None
-    prefix: list[gs.Node] = field(default_factory=list)
-    suffix: list[gs.Node] = field(default_factory=list)
+    side_nodes: list[ir.Node] = field(default_factory=list)  # outside readers that compute only those
+    source: ir.Tensor | None = None
+    final: ir.Tensor | None = None
+    prefix: list[ir.Node] = field(default_factory=list)
+    suffix: list[ir.Node] = field(default_factory=list)
 
 
 @dataclass
@@ -106,14 +105,14 @@ class WalkResult:
 
 def _candidate(
     view: GraphView,
-    x: gs.Tensor,
+    x: ir.Tensor,
     axes: tuple[int, ...],
     rank: int | None,
-    t: gs.Tensor,
-    cone: list[gs.Node],
+    t: ir.Tensor,
+    cone: list[ir.Node],
     form: S.NormForm,
     values: dict[int, S.Sym],
-    consts: list[gs.Tensor],
+    consts: list[ir.Tensor],
     extra_flag: str | None = None,
 ) -> Candidate:
     """A candidate whose flags gather those of its E atom and of every value in its match."""
@@ -136,7 +135,7 @@ def _candidate(
     )
 
 
-def reduce_axes(mg: ModelGraph, node: gs.Node) -> tuple[list[int] | None, bool]:
+def reduce_axes(mg: ModelGraph, node: ir.Node) -> tuple[list[int] | None, bool]:
     """``(axes, ok)`` of a Reduce node: attribute (opset < 18) or constant input; None axes = all.
 
     ``GlobalAveragePool`` is the mean over axes ``2 .. rank-1`` (tf2onnx writes it for such a
@@ -197,14 +196,14 @@ class Walker:
         self._const_sym: dict[int, S.Sym | None] = {}
         self._const_keys: dict[int, tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None] = {}
         # Per walk (reset by walk(): a cone depends on that walk's values).
-        self._cone_cache: dict[tuple[int, int], tuple[list[gs.Node], list[gs.Tensor], str]] = {}
+        self._cone_cache: dict[tuple[int, int], tuple[list[ir.Node], list[ir.Tensor], str]] = {}
         self._alias_ids: set[int] = set()
-        self._cone_consts: dict[int, tuple[gs.Tensor, ...]] = {}
+        self._cone_consts: dict[int, tuple[ir.Tensor, ...]] = {}
 
     # -- proposals --------------------------------------------------------------
     def proposals(
         self, kind: str = "ln"
-    ) -> list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]]:
+    ) -> list[tuple[ir.Tensor, tuple[int, ...], int | None, ir.Node, bool, dict[int, V.View]]]:
         """``(X, axes, rank, anchor, positive, views)`` for every reduction anchor, deduplicated
         (``views``: reshaped views of X the walk enters, by tensor id).
 
@@ -213,8 +212,8 @@ class Walker:
         ``x`` is the operand of the square feeding the reduction.
         """
         seen: set[tuple[int, tuple[int, ...]]] = set()
-        out: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]] = []
-        later: list[tuple[gs.Tensor, tuple[int, ...], int | None, gs.Node, bool, dict[int, V.View]]] = []
+        out: list[tuple[ir.Tensor, tuple[int, ...], int | None, ir.Node, bool, dict[int, V.View]]] = []
+        later: list[tuple[ir.Tensor, tuple[int, ...], int | None, ir.Node, bool, dict[int, V.View]]] = []
         for view in self.mg.views:
             for op in REDUCE_OPS:
                 for node in view.nodes_by_op.get(op, ()):
@@ -268,10 +267,10 @@ class Walker:
     # -- the walk ---------------------------------------------------------------
     def walk(
         self,
-        x: gs.Tensor,
+        x: ir.Tensor,
         axes: tuple[int, ...],
         rank: int | None,
-        anchor: gs.Node,
+        anchor: ir.Node,
         positive: bool = False,
         views: dict[int, V.View] | None = None,
     ) -> WalkResult:
@@ -287,15 +286,15 @@ class Walker:
         self._alias_ids = {id(x)} | {id(a.outputs[0]) for a in aliases}
         for a in aliases:
             values[id(a.outputs[0])] = S.Sym.atom("X")
-        order: list[gs.Tensor] = []
+        order: list[ir.Tensor] = []
         done: set[int] = set()
-        failures: list[tuple[gs.Node, str]] = []
+        failures: list[tuple[ir.Node, str]] = []
         # Per evaluated tensor, the constants its cone reads (as _cone would list them, with
         # repeats): what the purity preference compares scale and bias against.
-        cone_consts: dict[int, tuple[gs.Tensor, ...]] = {}
+        cone_consts: dict[int, tuple[ir.Tensor, ...]] = {}
         self._cone_consts = cone_consts
         self._cone_cache = {}
-        queue: list[gs.Tensor] = [x, *(a.outputs[0] for a in aliases)]
+        queue: list[ir.Tensor] = [x, *(a.outputs[0] for a in aliases)]
         evals = 0
         qi = 0
         while qi < len(queue) and evals < MAX_EVAL:
@@ -308,7 +307,7 @@ class Walker:
                 ready = True
                 squeezed = False
                 shape_args = node.op in _SHAPE_ARG_OPS
-                reads: tuple[gs.Tensor, ...] = ()  # constants in the cone of the node's output
+                reads: tuple[ir.Tensor, ...] = ()  # constants in the cone of the node's output
                 for idx, inp in enumerate(node.inputs):
                     sym = values.get(id(inp))
                     if sym is None and idx and node.op == "Reshape":
@@ -386,7 +385,7 @@ class Walker:
             ]
         return res
 
-    def _aliases(self, x: gs.Tensor) -> list[gs.Node]:
+    def _aliases(self, x: ir.Tensor) -> list[ir.Node]:
         """Other ``Cast`` nodes that cast x's source to x's type (x itself produced by a Cast)."""
         p = self.mg.producer(x)
         if p is None or p.op != "Cast" or p.domain or not p.inputs:
@@ -402,7 +401,7 @@ class Walker:
             and len(c.outputs) == 1
         ]
 
-    def _norm_count(self, x: gs.Tensor, axes: tuple[int, ...], rank: int | None) -> int | None:
+    def _norm_count(self, x: ir.Tensor, axes: tuple[int, ...], rank: int | None) -> int | None:
         shape = self.mg.shape(x)
         if shape is None:
             tail = shapes.trailing(self.mg, x)  # static trailing dims, rank unknown
@@ -419,7 +418,7 @@ class Walker:
             n *= d
         return n
 
-    def _const(self, t: gs.Tensor) -> S.Sym | None:
+    def _const(self, t: ir.Tensor) -> S.Sym | None:
         key = id(t)
         if key not in self._const_sym:
             val = self.mg.const_value(t)
@@ -430,7 +429,7 @@ class Walker:
         return self._const_sym[key]
 
     def _eval(
-        self, node: gs.Node, ins: list[S.Sym], axes: tuple[int, ...], rank: int | None, ctx: S.Context
+        self, node: ir.Node, ins: list[S.Sym], axes: tuple[int, ...], rank: int | None, ctx: S.Context
     ) -> tuple[S.Sym | None, str]:
         op = node.op
         if op == "Identity":
@@ -533,7 +532,7 @@ class Walker:
             return S.Sym(ins[0].terms, ins[0].flags - {SQUEEZED}), ""
         return None, ""
 
-    def _input_layout(self, node: gs.Node, values: dict[int, S.Sym]) -> tuple[V.View | None, str]:
+    def _input_layout(self, node: ir.Node, values: dict[int, S.Sym]) -> tuple[V.View | None, str]:
         """The layout the walked inputs of ``node`` share (None: X's own) and why not, if they don't."""
         found = [self._layout.get(id(t)) for t in node.inputs if id(t) in values]
         view = found[0] if found else None
@@ -548,7 +547,7 @@ class Walker:
                 return None, "a constant that is not a scalar meets a reshaped view of the input"
         return view, ""
 
-    def _reshape_view(self, node: gs.Node, value: S.Sym) -> tuple[S.Sym | None, str]:
+    def _reshape_view(self, node: ir.Node, value: S.Sym) -> tuple[S.Sym | None, str]:
         """A Reshape into a view of X the walk was told about, or back from a view to X's shape."""
         out_id = id(node.outputs[0])
         if self._next_layout is None and out_id in self._entry_views:
@@ -564,7 +563,7 @@ class Walker:
             return value, ""  # to its own shape (a Transpose tf2onnx turned into a Reshape)
         return None, ""
 
-    def _squeeze(self, node: gs.Node, value: S.Sym, axes: tuple[int, ...]) -> tuple[S.Sym | None, str]:
+    def _squeeze(self, node: ir.Node, value: S.Sym, axes: tuple[int, ...]) -> tuple[S.Sym | None, str]:
         """Squeeze of a keepdims=1 statistic over exactly the reduced axes: a keepdims=0 statistic."""
         if SQUEEZED in value.flags or any(a == "X" for m in value.terms for a, _ in m):
             return None, ""
@@ -583,7 +582,7 @@ class Walker:
             return None, f"Squeeze over {sq}, not the reduced axes"
         return value.with_flags(SQUEEZED), ""
 
-    def _clamp_at_zero(self, node: gs.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
+    def _clamp_at_zero(self, node: ir.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
         """``Max(v, 0)`` of a variance (+ eps): the same value (a variance is >= 0; the
         clamp only catches negative rounding of a one-pass ``E[x^2] - E[x]^2``, as JAX writes it)."""
         if node.op == "Max" and (len(ins) != 2 or ins[1].terms or not self._scalar_const(node.inputs[1])):
@@ -593,7 +592,7 @@ class Walker:
             return None, f"{node.op} of something other than a variance"
         return v, ""
 
-    def _batch_norm(self, node: gs.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
+    def _batch_norm(self, node: ir.Node, ins: list[S.Sym], ctx: S.Context) -> tuple[S.Sym | None, str]:
         """``(x - mean) / sqrt(var + eps) * scale + B`` with per-row statistics of a view of X."""
         why = V.batch_norm_ok(self.mg, node)
         if why:
@@ -615,11 +614,11 @@ class Walker:
         y = None if y is None else S.mul(y, scale)
         return (None if y is None else S.add(y, bias)), ""
 
-    def _scalar_const(self, t: gs.Tensor) -> bool:
+    def _scalar_const(self, t: ir.Tensor) -> bool:
         v = self.mg.const_value(t)
         return v is not None and v.size == 1 and v.ndim <= 1
 
-    def _restores_reduced_axes(self, node: gs.Node, axes: tuple[int, ...]) -> bool:
+    def _restores_reduced_axes(self, node: ir.Node, axes: tuple[int, ...]) -> bool:
         """``node`` (Unsqueeze / Reshape of a keepdims=0 reduction) gives the keepdims=1 shape."""
         x = self._n_norm_args[0]
         if node.op == "Unsqueeze":
@@ -646,21 +645,21 @@ class Walker:
         want = [1 if (i - len(shape)) in axes else int(d) for i, d in enumerate(shape)]  # type: ignore[arg-type]
         return [int(d) for d in target.reshape(-1)] == want
 
-    def _square_flags(self, node: gs.Node) -> tuple[str, ...]:
+    def _square_flags(self, node: ir.Node) -> tuple[str, ...]:
         dt = self.mg.dtype(node.outputs[0]) if node.outputs else None
         return ("fp16_square",) if dt in (10, 16) else ()
 
     # -- choosing outputs ---------------------------------------------------------
     def _select(
         self,
-        x: gs.Tensor,
+        x: ir.Tensor,
         axes: tuple[int, ...],
         rank: int | None,
-        anchor: gs.Node,
+        anchor: ir.Node,
         ctx: S.Context,
         values: dict[int, S.Sym],
-        order: list[gs.Tensor],
-        failures: list[tuple[gs.Node, str]],
+        order: list[ir.Tensor],
+        failures: list[tuple[ir.Node, str]],
     ) -> WalkResult:
         mg = self.mg
         result = WalkResult()
@@ -670,7 +669,7 @@ class Walker:
         deep = [t for t in reversed(order) if S.maybe_norm(values[id(t)]) and id(t) not in self._layout]
         forms: dict[int, S.NormForm | None] = {}
 
-        def form_of(t: gs.Tensor) -> S.NormForm | None:
+        def form_of(t: ir.Tensor) -> S.NormForm | None:
             key = id(t)
             if key not in forms:
                 f = S.as_norm(values[key], ctx)
@@ -707,8 +706,8 @@ class Walker:
             # (allowed later only for an ONNX function expansion, see rules.check) are tensors that
             # are exactly the mean or 1/sqrt(var + eps): LayerNormalization's own optional outputs.
             cone_ids = {id(n) for n in cone}
-            side: dict[int, tuple[str, gs.Tensor]] = {}
-            side_nodes: list[gs.Node] = []
+            side: dict[int, tuple[str, ir.Tensor]] = {}
+            side_nodes: list[ir.Node] = []
             leak = ""
             for n in list(cone):
                 for out in n.outputs:
@@ -812,12 +811,12 @@ class Walker:
             )
         return result
 
-    def _shape_chain(self, reader: gs.Node, cone_ids: set[int]) -> list[gs.Node] | None:
+    def _shape_chain(self, reader: ir.Node, cone_ids: set[int]) -> list[ir.Node] | None:
         """``reader`` and the nodes after it when they only compute shape values that end in the
         match (``cone_ids``): Shape/Size, then shape arithmetic, never a graph output."""
         if reader.op not in ("Shape", "Size") or reader.domain:
             return None
-        chain: list[gs.Node] = []
+        chain: list[ir.Node] = []
         stack = [reader]
         while stack:
             n = stack.pop()
@@ -833,7 +832,7 @@ class Walker:
         return chain
 
     @staticmethod
-    def _looks_like_ln(ctx: S.Context, values: dict[int, S.Sym], failures: list[tuple[gs.Node, str]]) -> bool:
+    def _looks_like_ln(ctx: S.Context, values: dict[int, S.Sym], failures: list[tuple[ir.Node, str]]) -> bool:
         """The walk computed a variance-like statistic (so a refusal is worth reporting)."""
         has_mean = any(any(a == "M" for m in v.terms for a, _ in m) for v in values.values())
         stats_failure = has_mean and any(
@@ -853,15 +852,15 @@ class Walker:
 
     def _group(
         self,
-        x: gs.Tensor,
+        x: ir.Tensor,
         axes: tuple[int, ...],
         rank: int | None,
-        complete: list[tuple[gs.Tensor, S.NormForm | None]],
+        complete: list[tuple[ir.Tensor, S.NormForm | None]],
         values: dict[int, S.Sym],
     ) -> list[Candidate]:
         """Several norms of ``x`` whose matches share nodes and close only as a union."""
         mg = self.mg
-        picked: list[tuple[gs.Tensor, S.NormForm, list[gs.Node], list[gs.Tensor]]] = []
+        picked: list[tuple[ir.Tensor, S.NormForm, list[ir.Node], list[ir.Tensor]]] = []
         union: set[int] = set()
         for t, form in reversed(complete):  # deepest (most complete) first
             if form is None or (t.inputs and id(t.inputs[0]) in union):
@@ -919,7 +918,7 @@ class Walker:
             return "inv_std"
         return ""
 
-    def _widening_cast(self, t: gs.Tensor) -> bool:
+    def _widening_cast(self, t: ir.Tensor) -> bool:
         """True for a Cast to a wider float type at the tail: the norm ends before it."""
         p = t.inputs[0] if t.inputs else None
         if p is None or p.op != "Cast":
@@ -928,7 +927,7 @@ class Walker:
         src, dst = self.mg.dtype(p.inputs[0]), self.mg.dtype(t)
         return src in rank and dst in rank and rank[dst] > rank[src]
 
-    def _pure(self, form: S.NormForm, t: gs.Tensor) -> bool:
+    def _pure(self, form: S.NormForm, t: ir.Tensor) -> bool:
         """Scale and bias are original constants of the match (up to sign; a scale up to a factor).
 
         Only a preference between nested complete outputs (LN -> Add(beta) -> Add(shift)
@@ -960,7 +959,7 @@ class Walker:
 
         return matches(form.scale, True) and matches(form.bias, False)
 
-    def _const_key(self, t: gs.Tensor) -> tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None:
+    def _const_key(self, t: ir.Tensor) -> tuple[tuple[tuple[int, ...], bytes], np.ndarray] | None:
         """``((shape, float64 bytes), float64 array)`` of a constant, cached; None if not constant."""
         key = id(t)
         if key in self._const_keys:
@@ -974,8 +973,8 @@ class Walker:
         return out
 
     def _cone(
-        self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
-    ) -> tuple[list[gs.Node], list[gs.Tensor], str]:
+        self, x: ir.Tensor, t: ir.Tensor, values: dict[int, S.Sym]
+    ) -> tuple[list[ir.Node], list[ir.Tensor], str]:
         """Nodes between ``x`` and ``t`` (graph order), the constants they read, or a reason (cached
         for the current walk)."""
         key = (id(x), id(t))
@@ -985,16 +984,16 @@ class Walker:
         return hit
 
     def _cone_uncached(
-        self, x: gs.Tensor, t: gs.Tensor, values: dict[int, S.Sym]
-    ) -> tuple[list[gs.Node], list[gs.Tensor], str]:
+        self, x: ir.Tensor, t: ir.Tensor, values: dict[int, S.Sym]
+    ) -> tuple[list[ir.Node], list[ir.Tensor], str]:
         start = t.inputs[0] if t.inputs else None
         if start is None:
             return [], [], "output has no producer"
         alias_ids = self._alias_ids
         seen: set[int] = set()
         stack = [start]
-        nodes: list[gs.Node] = []
-        consts: list[gs.Tensor] = []
+        nodes: list[ir.Node] = []
+        consts: list[ir.Tensor] = []
         while stack:
             n = stack.pop()
             nid = id(n)

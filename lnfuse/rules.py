@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from lnfuse import shapes
-from lnfuse.graph import FLOAT_TYPES, ModelGraph, new_node, node_label, np_dtype
+from lnfuse import ir, shapes
+from lnfuse.graph import FLOAT_TYPES, ModelGraph, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
 from lnfuse.symbolic import equal_arrays
 
@@ -108,14 +107,14 @@ def pattern_label(cand: Candidate, mg: ModelGraph, flags: set[str] | frozenset[s
     return base
 
 
-def _pow_exp(mg: ModelGraph, node: gs.Node) -> float | None:
+def _pow_exp(mg: ModelGraph, node: ir.Node) -> float | None:
     v = mg.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if v is None or v.size != 1:
         return None
     return float(np.asarray(v).reshape(-1)[0])
 
 
-def _is_cast(mg: ModelGraph, t: gs.Tensor) -> bool:
+def _is_cast(mg: ModelGraph, t: ir.Tensor) -> bool:
     p = mg.producer(t)
     return p is not None and p.op == "Cast"
 
@@ -427,26 +426,26 @@ class NormRule:
     def build(
         self,
         params: NormParams,
-        inp: gs.Tensor,
-        out: gs.Tensor,
+        inp: ir.Tensor,
+        out: ir.Tensor,
         name: callable,  # type: ignore[valid-type]
-        scale_t: gs.Tensor | None = None,
-        bias_t: gs.Tensor | None = None,
-        side: list[tuple[str, gs.Tensor]] | None = None,
+        scale_t: ir.Tensor | None = None,
+        bias_t: ir.Tensor | None = None,
+        side: list[tuple[str, ir.Tensor]] | None = None,
         keep_back: bool = True,
-    ) -> list[gs.Node]:
+    ) -> list[ir.Node]:
         """The fused node(s) reading ``inp`` and producing ``out`` (and ``side`` Mean/InvStdDev tensors).
 
         ``keep_back=False``: no Transpose back after a transposed norm (the caller found one that
         undoes it and removes both)."""
-        nodes: list[gs.Node] = []
+        nodes: list[ir.Node] = []
 
         def step(
-            op: str, attrs: dict[str, object], src: gs.Tensor, dst: gs.Tensor | None, dtype: int
-        ) -> gs.Tensor:
+            op: str, attrs: dict[str, object], src: ir.Tensor, dst: ir.Tensor | None, dtype: int
+        ) -> ir.Tensor:
             """Append ``op(src) -> dst`` (a fresh tensor of ``dtype`` when ``dst`` is None)."""
-            dst = dst if dst is not None else gs.Variable(name(f"lnfuse_{op.lower()}"), dtype=np_dtype(dtype))
-            nodes.append(new_node(op, name(f"lnfuse/{op}"), attrs, [src], [dst]))
+            dst = dst if dst is not None else ir.Variable(name(f"lnfuse_{op.lower()}"), dtype=np_dtype(dtype))
+            nodes.append(ir.Node(op, name(f"lnfuse/{op}"), attrs, [src], [dst]))
             return dst
 
         cur = inp
@@ -456,27 +455,27 @@ class NormRule:
             cur = step("Transpose", {"perm": list(params.perm)}, cur, None, params.dtype)
         back = params.perm is not None and keep_back
         needs_tail = back or params.out_cast is not None
-        norm_out = gs.Variable(name("lnfuse_normalized"), dtype=np_dtype(params.dtype)) if needs_tail else out
+        norm_out = ir.Variable(name("lnfuse_normalized"), dtype=np_dtype(params.dtype)) if needs_tail else out
         if scale_t is None:
-            scale_t = gs.Constant(name("lnfuse_scale"), params.scale)
+            scale_t = ir.Constant(name("lnfuse_scale"), params.scale)
         ins = [cur, scale_t]
         if params.bias is not None and params.op == "LayerNormalization":
-            ins.append(bias_t if bias_t is not None else gs.Constant(name("lnfuse_bias"), params.bias))
+            ins.append(bias_t if bias_t is not None else ir.Constant(name("lnfuse_bias"), params.bias))
         attrs: dict[str, object] = {"axis": int(params.axis), "epsilon": float(params.epsilon)}
         if params.op == "LayerNormalization" or params.stash_type != 1:
             attrs["stash_type"] = int(params.stash_type)
-        outs: list[gs.Tensor] = [norm_out]
-        extra: dict[str, gs.Tensor] = {}
+        outs: list[ir.Tensor] = [norm_out]
+        extra: dict[str, ir.Tensor] = {}
         if side and params.side_flatten_axis is not None:
             stash = np.float64 if params.stash_type == 11 else np.float32
             extra = {
-                kind: t if kind in params.side_direct else gs.Variable(name(f"lnfuse_{kind}"), dtype=stash)
+                kind: t if kind in params.side_direct else ir.Variable(name(f"lnfuse_{kind}"), dtype=stash)
                 for kind, t in side
             }
-            outs += [extra.get("mean", gs.Variable.empty()), extra.get("inv_std", gs.Variable.empty())]
+            outs += [extra.get("mean", ir.Variable.empty()), extra.get("inv_std", ir.Variable.empty())]
             while outs and outs[-1].is_empty():
                 outs.pop()
-        nodes.append(new_node(params.op, name(f"lnfuse/{params.op}"), attrs, ins, outs))
+        nodes.append(ir.Node(params.op, name(f"lnfuse/{params.op}"), attrs, ins, outs))
         stash_type = TP.DOUBLE if params.stash_type == 11 else TP.FLOAT
         for kind, t in side or []:
             if kind in extra and kind not in params.side_direct:
@@ -494,7 +493,7 @@ class NormRule:
             step("Cast", {"to": int(params.out_cast)}, cur, out, params.out_cast)
         return nodes
 
-    def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> gs.Tensor:
+    def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> ir.Tensor:
         return cand.source if cand.source is not None else cand.x
 
     def rewrite(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> None:
@@ -526,7 +525,7 @@ class NormRule:
         mg.replace(cand.view, replaced, anchor, new_nodes)
 
 
-def undoing_transpose(mg: ModelGraph, out: gs.Tensor, params: NormParams) -> gs.Node | None:
+def undoing_transpose(mg: ModelGraph, out: ir.Tensor, params: NormParams) -> ir.Node | None:
     """The one reader of ``out``, when it is a Transpose by the fused op's own ``perm``: it undoes the
     Transpose back, so the norm's result in the transposed layout is what it computes."""
     if params.perm is None or params.out_cast is not None or mg.is_graph_output(out) or len(out.outputs) != 1:
@@ -540,13 +539,13 @@ def undoing_transpose(mg: ModelGraph, out: gs.Tensor, params: NormParams) -> gs.
 
 def _sandwich(
     mg: ModelGraph, cand: Candidate
-) -> tuple[gs.Tensor, list[gs.Node], list[gs.Node], gs.Tensor, tuple[int, ...]] | str | None:
+) -> tuple[ir.Tensor, list[ir.Node], list[ir.Node], ir.Tensor, tuple[int, ...]] | str | None:
     """Detect ``x0 -> Flatten/Reshape -> [Cast] -> norm -> Reshape(.., shape of x0)``.
 
     Returns ``(x0, prefix, suffix, final, x0_axes)``, a refusal reason, or None when
     there is no sandwich (the norm over the reshaped view is then fused as it is).
     """
-    prefix: list[gs.Node] = []
+    prefix: list[ir.Node] = []
     t = cand.x
     p = mg.producer(t)
     if p is not None and p.op == "Cast" and p.inputs:
@@ -635,7 +634,7 @@ def _direct_side_reshapes(mg: ModelGraph, cand: Candidate, axis: int) -> tuple[s
     return tuple(out)
 
 
-def _noop_cast(mg: ModelGraph, src: gs.Node | None, x: gs.Tensor, cand: Candidate) -> bool:
+def _noop_cast(mg: ModelGraph, src: ir.Node | None, x: ir.Tensor, cand: Candidate) -> bool:
     """``x = Cast(s, to=type of s)`` and only the match reads ``x``: the Cast changes nothing."""
     if src is None or src.op != "Cast" or src.domain or not src.inputs or mg.is_graph_output(x):
         return False
@@ -644,7 +643,7 @@ def _noop_cast(mg: ModelGraph, src: gs.Node | None, x: gs.Tensor, cand: Candidat
     return same and all(id(c) in inside for c in x.outputs)
 
 
-def _through(mg: ModelGraph, t: gs.Tensor) -> gs.Node | None:
+def _through(mg: ModelGraph, t: ir.Tensor) -> ir.Node | None:
     """Producer of ``t``, looking through Identity and Cast."""
     p = mg.producer(t)
     for _ in range(4):
@@ -654,7 +653,7 @@ def _through(mg: ModelGraph, t: gs.Tensor) -> gs.Node | None:
     return p
 
 
-def _is_centred(mg: ModelGraph, t: gs.Tensor) -> bool:
+def _is_centred(mg: ModelGraph, t: ir.Tensor) -> bool:
     """``t`` is ``a - Reduce*(...)``: a centred value."""
     p = _through(mg, t)
     if p is None or p.op != "Sub" or len(p.inputs) != 2:
@@ -668,7 +667,7 @@ def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | 
     if arr is None:
         return None
     for c in cand.const_inputs:
-        if not isinstance(c, gs.Constant):
+        if not isinstance(c, ir.Constant):
             continue
         val = mg.const_value(c)
         if val is not None and val.dtype == arr.dtype and val.shape == arr.shape and equal_arrays(val, arr):
@@ -676,7 +675,7 @@ def _reusable(mg: ModelGraph, cand: Candidate, arr: np.ndarray | None) -> str | 
     return None
 
 
-def _find_const(cand: Candidate, name: str | None) -> gs.Tensor | None:
+def _find_const(cand: Candidate, name: str | None) -> ir.Tensor | None:
     if name is None:
         return None
     for c in cand.const_inputs:

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import onnx_graphsurgeon as gs
+from lnfuse import ir
 
+if TYPE_CHECKING:
     from lnfuse.graph import ModelGraph
 
 SHAPE_OPS = frozenset({"Shape", "Size", "Slice", "Concat", "ConstantOfShape", "Range", "Gather"})
@@ -79,7 +79,7 @@ def product(ms: list[Mono]) -> Mono:
     return out
 
 
-def canonical(mg: ModelGraph, t: gs.Tensor, axis: int) -> DimRef:
+def canonical(mg: ModelGraph, t: ir.Tensor, axis: int) -> DimRef:
     """One name for a run-time dim: followed back through Transpose and same-shape unary ops."""
     for _ in range(16):
         p = t.inputs[0] if t.inputs else None
@@ -100,7 +100,7 @@ def canonical(mg: ModelGraph, t: gs.Tensor, axis: int) -> DimRef:
 Known = dict[int, list[Mono]]  # tensor id -> its shape, where the caller knows better (a proof input)
 
 
-def shape_of(mg: ModelGraph, t: gs.Tensor, known: Known | None = None) -> list[Mono] | None:
+def shape_of(mg: ModelGraph, t: ir.Tensor, known: Known | None = None) -> list[Mono] | None:
     """``t``'s shape as monos: static dims, else the Reshape target it came from, else DimRefs."""
     if known and id(t) in known:
         return known[id(t)]
@@ -119,7 +119,7 @@ def shape_of(mg: ModelGraph, t: gs.Tensor, known: Known | None = None) -> list[M
 _BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"})
 
 
-def trailing(mg: ModelGraph, t: gs.Tensor, depth: int = 0) -> list[int] | None:
+def trailing(mg: ModelGraph, t: ir.Tensor, depth: int = 0) -> list[int] | None:
     """The static trailing dims of ``t`` even when its rank is unknown: an elementwise op's output
     has, at each trailing position where one input has a static size ``d > 1``, that size (the
     other input must be 1 or ``d`` there, or the model cannot run)."""
@@ -155,7 +155,7 @@ def trailing(mg: ModelGraph, t: gs.Tensor, depth: int = 0) -> list[int] | None:
 
 
 def reshape_target(
-    mg: ModelGraph, node: gs.Node, depth: int = 0, known: Known | None = None, keep_hole: bool = False
+    mg: ModelGraph, node: ir.Node, depth: int = 0, known: Known | None = None, keep_hole: bool = False
 ) -> list[Mono] | None:
     """The output shape of a Reshape: its target with 0 (copy) and one -1 (the rest) resolved
     (``keep_hole``: a -1 that cannot be resolved stays -1)."""
@@ -183,7 +183,7 @@ def reshape_target(
     return out
 
 
-def _ints(mg: ModelGraph, t: gs.Tensor, depth: int) -> list[int] | None:
+def _ints(mg: ModelGraph, t: ir.Tensor, depth: int) -> list[int] | None:
     v = mg.const_value(t, depth + 1)
     if v is None or v.dtype.kind not in "iu" or v.size > _MAX_LEN:
         return None
@@ -194,7 +194,7 @@ def _clamp(i: int, n: int) -> int:
     return max(0, min(n, i + n if i < 0 else i))
 
 
-def _shape_monos(mg: ModelGraph, node: gs.Node, known: Known | None = None) -> list[Mono] | None:
+def _shape_monos(mg: ModelGraph, node: ir.Node, known: Known | None = None) -> list[Mono] | None:
     """``Shape(t)`` with its start / end."""
     terms = shape_of(mg, node.inputs[0], known)
     if terms is None:
@@ -205,7 +205,7 @@ def _shape_monos(mg: ModelGraph, node: gs.Node, known: Known | None = None) -> l
     return terms[_clamp(int(node.attrs.get("start", 0)), rank) : stop]
 
 
-def _slice(mg: ModelGraph, node: gs.Node, seq: list[Mono], depth: int) -> list[Mono] | None:
+def _slice(mg: ModelGraph, node: ir.Node, seq: list[Mono], depth: int) -> list[Mono] | None:
     if len(node.inputs) < 3:  # opset < 10: starts / ends as attributes
         starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
         axes, steps = list(node.attrs.get("axes", [0])), [1]
@@ -226,7 +226,7 @@ def _slice(mg: ModelGraph, node: gs.Node, seq: list[Mono], depth: int) -> list[M
     return seq[_clamp(int(starts[0]), n) : _clamp(min(int(ends[0]), 1 << 40), n)]
 
 
-def _gather(mg: ModelGraph, node: gs.Node, depth: int, known: Known | None) -> list[Mono] | None:
+def _gather(mg: ModelGraph, node: ir.Node, depth: int, known: Known | None) -> list[Mono] | None:
     seq = dims(mg, node.inputs[0], depth + 1, known)
     idx = mg.const_value(node.inputs[1], depth + 1)
     if seq is None or idx is None or idx.ndim > 1 or int(node.attrs.get("axis", 0)) != 0:
@@ -236,7 +236,7 @@ def _gather(mg: ModelGraph, node: gs.Node, depth: int, known: Known | None) -> l
     return None if any(not 0 <= i < n for i in picked) else [seq[i] for i in picked]
 
 
-def dims(mg: ModelGraph, t: gs.Tensor, depth: int = 0, known: Known | None = None) -> list[Mono] | None:
+def dims(mg: ModelGraph, t: ir.Tensor, depth: int = 0, known: Known | None = None) -> list[Mono] | None:
     """``t`` (a 0-D or 1-D int shape value) as monos, or None when it is not known this way."""
     if depth > 16:
         return None
@@ -272,7 +272,7 @@ def dims(mg: ModelGraph, t: gs.Tensor, depth: int = 0, known: Known | None = Non
     return seq  # Cast between int types, Unsqueeze / Squeeze of a scalar or 1-D value
 
 
-def fold(mg: ModelGraph, node: gs.Node, depth: int) -> np.ndarray | None:
+def fold(mg: ModelGraph, node: ir.Node, depth: int) -> np.ndarray | None:
     """Numeric value of a shape op's output when every dim it reads is static."""
     op = node.op
     if op == "Size":
@@ -288,7 +288,7 @@ def fold(mg: ModelGraph, node: gs.Node, depth: int) -> np.ndarray | None:
         if n is None or len(n) > 8 or any(d < 0 for d in n) or math.prod(n) > _MAX_LEN:
             return None
         fill = node.attrs.get("value")
-        base = np.asarray(getattr(fill, "values", np.zeros(1, dtype=np.float32))).reshape(-1)
+        base = (np.zeros(1, dtype=np.float32) if fill is None else ir.tensor_array(fill)).reshape(-1)
         return np.full(n, base[0] if base.size else 0, dtype=base.dtype)
     if op == "Range":
         args = [mg.const_value(i, depth + 1) for i in node.inputs[:3]]
@@ -304,7 +304,7 @@ def fold(mg: ModelGraph, node: gs.Node, depth: int) -> np.ndarray | None:
     return np.asarray([m[0] for m in terms], dtype=np.int64)
 
 
-def evaluate(mg: ModelGraph, t: gs.Tensor, known: Known, refs: dict[DimRef, int]) -> np.ndarray | None:
+def evaluate(mg: ModelGraph, t: ir.Tensor, known: Known, refs: dict[DimRef, int]) -> np.ndarray | None:
     """The value of a shape-derived tensor (or ``Expand(scalar, shape)``) for concrete input shapes:
     ``known`` gives tensors' shapes, ``refs`` the run-time dims' sizes. For the per-match proof."""
     p = t.inputs[0] if t.inputs else None

@@ -24,9 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from lnfuse import shapes
+from lnfuse import ir, shapes
 from lnfuse.graph import ModelGraph, np_dtype
 from lnfuse.matcher import Candidate
 from lnfuse.opset import min_ir_version
@@ -71,8 +70,8 @@ class Prover:
         assert in_dt is not None and out_dt is not None
 
         # The original match as a standalone graph.
-        names: dict[int, gs.Tensor] = {}
-        x_in = gs.Variable("x", dtype=np_dtype(in_dt), shape=shape)
+        names: dict[int, ir.Tensor] = {}
+        x_in = ir.Variable("x", dtype=np_dtype(in_dt), shape=shape)
         names[id(inp)] = x_in
         nodes = [*cand.prefix, *cand.nodes, *cand.suffix]
 
@@ -80,7 +79,7 @@ class Prover:
 
         known, refs = _binding(mg, inp, shape)
 
-        def tensor(t: gs.Tensor) -> gs.Tensor:
+        def tensor(t: ir.Tensor) -> ir.Tensor:
             if id(t) not in names:
                 made_here = bool(t.inputs) and id(t.inputs[0]) in inside
                 val = None if made_here else mg.const_value(t)
@@ -89,31 +88,27 @@ class Prover:
                     # proof's input shape.
                     val = shapes.evaluate(mg, t, known, refs)
                 if val is not None and t is not cand.x:
-                    names[id(t)] = gs.Constant(f"c{len(names)}", np.array(val))
+                    names[id(t)] = ir.Constant(f"c{len(names)}", np.array(val))
                 else:
-                    names[id(t)] = gs.Variable(f"t{len(names)}")
+                    names[id(t)] = ir.Variable(f"t{len(names)}")
             return names[id(t)]
 
         orig_nodes = []
         for n in nodes:
             ins = [tensor(t) for t in n.inputs]
             outs = [tensor(t) for t in n.outputs]
-            orig_nodes.append(
-                gs.Node(n.op, name=n.name, attrs=dict(n.attrs), inputs=ins, outputs=outs, domain=n.domain)
-            )
+            orig_nodes.append(n.clone(ins, outs))
         y_orig = names[id(final)]
-        y_orig.dtype = np_dtype(out_dt)
-        orig = gs.Graph(nodes=orig_nodes, inputs=[x_in], outputs=[y_orig], opset=self.opset)
+        y_orig.dtype = out_dt
+        orig = _model(orig_nodes, x_in, y_orig, self.opset)
 
         # The replacement.
         counter = iter(range(1_000_000))
         namer: Callable[[str], str] = lambda base: f"{base}_{next(counter)}"  # noqa: E731
-        x_f = gs.Variable("x", dtype=np_dtype(in_dt), shape=shape)
-        y_f = gs.Variable("y", dtype=np_dtype(out_dt))
+        x_f = ir.Variable("x", dtype=np_dtype(in_dt), shape=shape)
+        y_f = ir.Variable("y", dtype=np_dtype(out_dt))
         fused_nodes = rule.build(params, x_f, y_f, namer)
-        fused = gs.Graph(
-            nodes=fused_nodes, inputs=[x_f], outputs=[y_f], opset=max(self.opset, rule.min_opset)
-        )
+        fused = _model(fused_nodes, x_f, y_f, max(self.opset, rule.min_opset))
 
         sess_a = _session(orig)
         sess_b = _session(fused)
@@ -163,7 +158,7 @@ def _quiet_run():  # type: ignore[no-untyped-def]
 
 
 def _binding(
-    mg: ModelGraph, inp: gs.Tensor, shape: list[int]
+    mg: ModelGraph, inp: ir.Tensor, shape: list[int]
 ) -> tuple[shapes.Known, dict[shapes.DimRef, int]]:
     """The proof input's shape, and the run-time dims of the real input bound to its sizes."""
     known = {id(inp): [(int(d), ()) for d in shape]}
@@ -177,7 +172,7 @@ def _binding(
 
 
 def _narrowest(
-    mg: ModelGraph, nodes: list[gs.Node], in_dt: int, out_dt: int, params: NormParams
+    mg: ModelGraph, nodes: list[ir.Node], in_dt: int, out_dt: int, params: NormParams
 ) -> FloatKind:
     """The narrowest float type among the match's input, output, fused dtype and every tensor
     its nodes compute (a tensor of unknown dtype says nothing; float32 when none is known)."""
@@ -230,17 +225,19 @@ def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int
     return dims
 
 
-def _session(graph: gs.Graph):  # type: ignore[no-untyped-def]
+def _model(nodes: list[ir.Node], x: ir.Tensor, y: ir.Tensor, opset: int) -> onnx.ModelProto:
+    return ir.standalone_model(nodes, [x], [y], opset, max(7, min_ir_version(opset)))
+
+
+def _session(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
     """A quiet single-thread CPU session at ORT_DISABLE_ALL (the runtime's own fusion must not help)."""
     from lnfuse.runtime import ProviderChoice, make_session
 
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = max(7, min_ir_version(graph.opset))
     cpu = ProviderChoice("cpu", ("CPUExecutionProvider",), "per-match proof")
     return make_session(model, cpu, "disable", threads=1)
 
 
-def _attrs_key(n: gs.Node) -> tuple:
+def _attrs_key(n: ir.Node) -> tuple:
     if not n.attrs:
         return ()
     return tuple(

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx_graphsurgeon as gs
-
-from lnfuse import shapes
+from lnfuse import ir, shapes
 from lnfuse.graph import ModelGraph
 
 
@@ -60,8 +58,8 @@ class View:
 
 
 def entry(
-    mg: ModelGraph, t: gs.Tensor, raw_axes: list[int] | None
-) -> tuple[gs.Tensor, tuple[int, ...], View] | None:
+    mg: ModelGraph, t: ir.Tensor, raw_axes: list[int] | None
+) -> tuple[ir.Tensor, tuple[int, ...], View] | None:
     """``(X, X's normalized axes, view)`` when ``t = Reshape(X, shape)`` is a valid view whose
     normalized axes are ``raw_axes``; else None."""
     p = mg.producer(t)
@@ -97,7 +95,7 @@ def entry(
     return None
 
 
-def restores(mg: ModelGraph, node: gs.Node, x: gs.Tensor, view: View | None = None) -> bool:
+def restores(mg: ModelGraph, node: ir.Node, x: ir.Tensor, view: View | None = None) -> bool:
     """``node`` is a Reshape (of a value in ``view``) whose target is ``x``'s own shape."""
     if node.op != "Reshape" or node.domain or len(node.inputs) < 2:
         return False
@@ -114,7 +112,7 @@ def restores(mg: ModelGraph, node: gs.Node, x: gs.Tensor, view: View | None = No
     return target is not None and target == shapes.shape_of(mg, x)
 
 
-def scalar_fill(mg: ModelGraph, t: gs.Tensor) -> float | None:
+def scalar_fill(mg: ModelGraph, t: ir.Tensor) -> float | None:
     """The one value of a constant whose elements are all equal, or of ``Expand(scalar, shape)``."""
     v = mg.const_value(t)
     if v is None:
@@ -129,7 +127,7 @@ def scalar_fill(mg: ModelGraph, t: gs.Tensor) -> float | None:
     return first if bool((flat == flat[0]).all()) else None
 
 
-def batch_norm_ok(mg: ModelGraph, node: gs.Node) -> str:
+def batch_norm_ok(mg: ModelGraph, node: ir.Node) -> str:
     """Why a BatchNormalization cannot be read as ``(x - mean) / sqrt(var + eps) * s + b`` ('' if it can)."""
     if int(node.attrs.get("training_mode", 0)):
         return "BatchNormalization in training mode"

@@ -43,8 +43,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
+from lnfuse import ir
 from lnfuse import opset as opset_mod
 from lnfuse.graph import Dim, GraphView, ModelGraph
 from lnfuse.pipeline import PassContext, PassResult
@@ -57,7 +57,7 @@ _MIN_OPSET = 11  # emitted Gather / Slice (input form) must keep their meaning w
 class _Slice:
     """How one step tensor was cut out of the sequence (before normalization)."""
 
-    source: gs.Tensor
+    source: ir.Tensor
     kind: str  # gather | slice | split
     axis: int  # raw axis attribute
     start: int  # gather index / slice start / split output position
@@ -67,32 +67,32 @@ class _Slice:
     squeeze_axis: int | None = None
     split_sizes: list[int] | None = None  # None: equal split into n_outputs pieces
     n_outputs: int = 0
-    nodes: list[gs.Node] = field(default_factory=list)  # nearest first
+    nodes: list[ir.Node] = field(default_factory=list)  # nearest first
 
 
 @dataclass
 class _Member:
     """One step: slice -> MatMul/Gemm [-> Add const] -> LayerNormalization."""
 
-    mm: gs.Node
+    mm: ir.Node
     cut: _Slice
-    adds: list[gs.Node] = field(default_factory=list)
-    add_consts: list[gs.Tensor] = field(default_factory=list)  # Gemm C first, then the Add bias
-    ln: gs.Node | None = None
+    adds: list[ir.Node] = field(default_factory=list)
+    add_consts: list[ir.Tensor] = field(default_factory=list)  # Gemm C first, then the Add bias
+    ln: ir.Node | None = None
     index: int = 0  # normalized time index
-    aliases: list[gs.Node] = field(default_factory=list)  # Identity chain W -> MatMul, nearest first
+    aliases: list[ir.Node] = field(default_factory=list)  # Identity chain W -> MatMul, nearest first
 
 
 @dataclass
 class _Plan:
     view: GraphView
     members: list[_Member]
-    source: gs.Tensor
+    source: ir.Tensor
     axis: int
     lo: int
     hi: int
     prefix_slice: bool
-    weight: gs.Tensor
+    weight: ir.Tensor
     trans_b: bool
     is_gemm: bool
 
@@ -145,11 +145,11 @@ class RnnHoistPass:
 # ----------------------------------------------------------------------------
 
 
-def _default(node: gs.Node) -> bool:
+def _default(node: ir.Node) -> bool:
     return node.domain in _DEFAULT_DOMAINS
 
 
-def _weight_key(mg: ModelGraph, node: gs.Node) -> tuple | None:
+def _weight_key(mg: ModelGraph, node: ir.Node) -> tuple | None:
     """Group key of a MatMul/Gemm with a constant rank-2 weight: (op, transB, weight source)."""
     if not _default(node) or len(node.outputs) != 1 or len(node.inputs) < 2:
         return None
@@ -168,7 +168,7 @@ def _weight_key(mg: ModelGraph, node: gs.Node) -> tuple | None:
     return (node.op, trans_b, id(src))
 
 
-def _ints(mg: ModelGraph, node: gs.Node, attr: str, pos: int) -> list[int] | None:
+def _ints(mg: ModelGraph, node: ir.Node, attr: str, pos: int) -> list[int] | None:
     """An int list given as attribute ``attr`` (old opsets) or constant input ``pos``; None if absent/unknown."""
     if attr in node.attrs:
         return [int(v) for v in node.attrs[attr]]
@@ -180,7 +180,7 @@ def _ints(mg: ModelGraph, node: gs.Node, attr: str, pos: int) -> list[int] | Non
     return None
 
 
-def _step_slice(mg: ModelGraph, t: gs.Tensor) -> _Slice | None:
+def _step_slice(mg: ModelGraph, t: ir.Tensor) -> _Slice | None:
     """Recognise ``t`` as one time step cut out of a sequence, or None."""
     p = mg.producer(t)
     if p is None or not _default(p):
@@ -199,7 +199,7 @@ def _step_slice(mg: ModelGraph, t: gs.Tensor) -> _Slice | None:
             keepdim=idx.ndim == 1,
             nodes=[p],
         )
-    nodes: list[gs.Node] = []
+    nodes: list[ir.Node] = []
     squeeze_axis: int | None = None
     u = t
     if p.op == "Squeeze":
@@ -309,7 +309,7 @@ def _time_index(cut: _Slice, rank: int, steps: Dim) -> tuple[int, int] | None:
     return axis, cut.start
 
 
-def _digest(mg: ModelGraph, t: gs.Tensor, cache: dict[int, str]) -> tuple | None:
+def _digest(mg: ModelGraph, t: ir.Tensor, cache: dict[int, str]) -> tuple | None:
     """Equality key of an LN parameter: constants by value, other tensors by identity."""
     if t is None or not t.name:
         return ("none",)
@@ -335,8 +335,8 @@ def _per_feature(v: np.ndarray, hidden: int, out_rank: int) -> bool:
     return v.ndim >= 1 and v.shape[-1] == hidden and v.size == hidden
 
 
-def _identity_chain(mg: ModelGraph, t: gs.Tensor) -> list[gs.Node]:
-    chain: list[gs.Node] = []
+def _identity_chain(mg: ModelGraph, t: ir.Tensor) -> list[ir.Node]:
+    chain: list[ir.Node] = []
     p = mg.producer(t)
     while p is not None and p.op == "Identity" and _default(p) and p.inputs and len(chain) < 8:
         chain.append(p)
@@ -344,7 +344,7 @@ def _identity_chain(mg: ModelGraph, t: gs.Tensor) -> list[gs.Node]:
     return chain
 
 
-def _single_use(mg: ModelGraph, t: gs.Tensor) -> gs.Node | None:
+def _single_use(mg: ModelGraph, t: ir.Tensor) -> ir.Node | None:
     outs = t.outputs
     if len(outs) != 1 or mg.is_graph_output(t):
         return None
@@ -384,12 +384,12 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
         if is_gemm and step_rank != 2:
             return "Gemm on a step that is not 2-D"
         out_rank = step_rank
-        consts: list[gs.Tensor] = []
+        consts: list[ir.Tensor] = []
         if is_gemm and len(m.mm.inputs) > 2 and m.mm.inputs[2].name:
             consts.append(m.mm.inputs[2])
         t = m.mm.outputs[0]
         nxt = _single_use(mg, t)
-        adds: list[gs.Node] = []
+        adds: list[ir.Node] = []
         if nxt is not None and nxt.op == "Add" and _default(nxt) and len(nxt.inputs) == 2:
             other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
             if mg.const_value(other) is not None and mg.view_of(nxt) is view:
@@ -454,11 +454,11 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
 # ----------------------------------------------------------------------------
 
 
-def _i64(mg: ModelGraph, base: str, values: list[int] | int) -> gs.Constant:
-    return gs.Constant(mg.unique_name(base), np.array(values, dtype=np.int64))
+def _i64(mg: ModelGraph, base: str, values: list[int] | int) -> ir.Constant:
+    return ir.Constant(mg.unique_name(base), np.array(values, dtype=np.int64))
 
 
-def _dead(mg: ModelGraph, node: gs.Node) -> bool:
+def _dead(mg: ModelGraph, node: ir.Node) -> bool:
     mg.flush()
     return all(not t.outputs and not mg.is_graph_output(t) for t in node.outputs)
 
@@ -472,13 +472,13 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
     ln_out = anchor.outputs[0]
     dtype = ln_out.dtype
     base = plan.source.name or "seq"
-    new: list[gs.Node] = []
+    new: list[ir.Node] = []
 
     seq = plan.source
     if plan.prefix_slice:
-        sliced = gs.Variable(mg.unique_name(f"{base}_hoist_steps"), dtype=seq.dtype)
+        sliced = ir.Variable(mg.unique_name(f"{base}_hoist_steps"), dtype=seq.dtype)
         new.append(
-            gs.Node(
+            ir.Node(
                 "Slice",
                 name=mg.unique_name("lnfuse/hoist/Slice"),
                 inputs=[
@@ -492,20 +492,20 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
         )
         seq = sliced
 
-    weight: gs.Tensor = plan.weight
+    weight: ir.Tensor = plan.weight
     if plan.trans_b:
         wv = mg.const_value(plan.weight)
         assert wv is not None
-        weight = gs.Constant(mg.unique_name(f"{plan.weight.name}_T"), np.ascontiguousarray(wv.T))
-    cur = gs.Variable(mg.unique_name(f"{base}_hoist_matmul"), dtype=dtype)
+        weight = ir.Constant(mg.unique_name(f"{plan.weight.name}_T"), np.ascontiguousarray(wv.T))
+    cur = ir.Variable(mg.unique_name(f"{base}_hoist_matmul"), dtype=dtype)
     new.append(
-        gs.Node("MatMul", name=mg.unique_name("lnfuse/hoist/MatMul"), inputs=[seq, weight], outputs=[cur])
+        ir.Node("MatMul", name=mg.unique_name("lnfuse/hoist/MatMul"), inputs=[seq, weight], outputs=[cur])
     )
     for c in anchor_m.add_consts:
-        nxt = gs.Variable(mg.unique_name(f"{base}_hoist_add"), dtype=dtype)
-        new.append(gs.Node("Add", name=mg.unique_name("lnfuse/hoist/Add"), inputs=[cur, c], outputs=[nxt]))
+        nxt = ir.Variable(mg.unique_name(f"{base}_hoist_add"), dtype=dtype)
+        new.append(ir.Node("Add", name=mg.unique_name("lnfuse/hoist/Add"), inputs=[cur, c], outputs=[nxt]))
         cur = nxt
-    z = gs.Variable(mg.unique_name(f"{base}_hoist_ln"), dtype=dtype)
+    z = ir.Variable(mg.unique_name(f"{base}_hoist_ln"), dtype=dtype)
     attrs = {
         "axis": -1,
         "epsilon": float(anchor.attrs.get("epsilon", 1e-5)),
@@ -513,7 +513,7 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
     }
     ln_inputs = [cur, *(t for t in anchor.inputs[1:] if t is not None)]
     new.append(
-        gs.Node(
+        ir.Node(
             "LayerNormalization",
             name=mg.unique_name("lnfuse/hoist/LayerNormalization"),
             attrs=attrs,
@@ -522,7 +522,7 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
         )
     )
 
-    removed: list[gs.Node] = []
+    removed: list[ir.Node] = []
     for m in members:
         assert m.ln is not None
         removed += [m.mm, *m.adds, m.ln]
@@ -532,7 +532,7 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
         idx = m.index - plan.lo
         index_t = _i64(mg, f"{base}_hoist_t{idx}", [idx] if m.cut.keepdim else idx)
         new.append(
-            gs.Node(
+            ir.Node(
                 "Gather",
                 name=mg.unique_name("lnfuse/hoist/Gather"),
                 attrs={"axis": plan.axis},

@@ -1,0 +1,396 @@
+"""lnfuse's graph objects: nodes and tensors over a ModelProto, with producer / consumer links.
+
+:func:`import_model` builds them in one sweep over the protobuf, without copying any tensor
+data: each imported :class:`Node` keeps its ``NodeProto`` (and its index in its graph), each
+initializer becomes a :class:`Constant` that reads its ``TensorProto`` only when asked. A
+tensor's ``inputs`` is the list of its producers (zero or one node), its ``outputs`` the list
+of its consumers, nodes of subgraphs that read it from an outer scope included. Attributes are
+decoded on first use, except graph attributes (Loop / Scan / If bodies), which are imported
+with their node so that every (sub)graph is known up front.
+
+New nodes and tensors (a rewrite's) are built with the constructors, which link them the same
+way; :mod:`lnfuse.graph` writes them back into the ModelProto (:meth:`Node.to_proto`,
+:meth:`Constant.to_proto`). Nothing here touches a third-party class or any global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import AttributeProto as AP
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+Dim = int | str | None
+
+# Little-endian numpy types of the tensor types whose raw_data is the plain array bytes.
+_RAW_DTYPES: dict[int, np.dtype] = {
+    TP.FLOAT: np.dtype("<f4"),
+    TP.FLOAT16: np.dtype("<f2"),
+    TP.DOUBLE: np.dtype("<f8"),
+    TP.INT64: np.dtype("<i8"),
+    TP.INT32: np.dtype("<i4"),
+    TP.INT16: np.dtype("<i2"),
+    TP.INT8: np.dtype("i1"),
+    TP.UINT8: np.dtype("u1"),
+    TP.BOOL: np.dtype("?"),
+}
+_GRAPH_ATTRS = (AP.GRAPH, AP.GRAPHS)
+_CONTROL_FLOW = frozenset({"Loop", "Scan", "If"})
+
+
+def elem_type(dtype: object) -> int | None:
+    """ONNX element type of a numpy dtype or an ONNX type number (None when unknown)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype) or None
+    try:
+        return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))  # type: ignore[arg-type]
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+class Tensor:
+    """A value: ``inputs`` = producers (at most one node), ``outputs`` = consumers."""
+
+    __slots__ = ("__weakref__", "dtype", "inputs", "name", "outputs", "shape")
+
+    def is_empty(self) -> bool:
+        return not self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Variable(Tensor):
+    """A tensor computed at run time (graph input or node output). ``dtype`` is an ONNX type
+    number, ``shape`` a list of ints / symbolic names / None, or None when the rank is unknown."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str, dtype: object = None, shape: Iterable[Dim] | None = None) -> None:
+        self.name = name
+        self.inputs: list[Node] = []
+        self.outputs: list[Node] = []
+        self.dtype = elem_type(dtype)
+        self.shape = None if shape is None else list(shape)
+
+    @staticmethod
+    def empty() -> Variable:
+        """The placeholder for an omitted optional input or output."""
+        return Variable("")
+
+
+class Constant(Tensor):
+    """An initializer (``proto``, read on demand) or a value a rewrite adds (``values``)."""
+
+    __slots__ = ("_values", "proto")
+
+    def __init__(self, name: str, values: object = None, *, proto: onnx.TensorProto | None = None) -> None:
+        self.name = name
+        self.inputs: list[Node] = []
+        self.outputs: list[Node] = []
+        self.proto = proto
+        if proto is not None:
+            self._values = None
+            self.dtype = int(proto.data_type) or None
+            self.shape = [int(d) for d in proto.dims]
+        else:
+            arr = np.asarray(values)
+            self._values = arr
+            self.dtype = elem_type(arr.dtype)
+            self.shape = list(arr.shape)
+
+    @property
+    def values(self) -> np.ndarray:
+        """The value (raises when it cannot be read, e.g. weights left in an external file)."""
+        if self._values is not None:
+            return self._values
+        assert self.proto is not None
+        return proto_array(self.proto)
+
+    @property
+    def nbytes(self) -> int:
+        size = np.dtype(helper.tensor_dtype_to_np_dtype(self.dtype)).itemsize if self.dtype else 1
+        return math.prod(self.shape) * size
+
+    def to_proto(self) -> onnx.TensorProto:
+        if self.proto is not None:
+            return self.proto
+        return numpy_helper.from_array(np.asarray(self.values), self.name)
+
+
+def proto_array(proto: onnx.TensorProto) -> np.ndarray:
+    """The (read-only) value of an initializer; ``raw_data`` of a common type is viewed in place
+    (``numpy_helper.to_array`` costs ~10 us a tensor). External data is never read from here."""
+    if proto.data_location == TP.EXTERNAL:
+        raise ValueError(f"initializer {proto.name!r} is stored in an external file")
+    dt = _RAW_DTYPES.get(proto.data_type)
+    if dt is not None and proto.HasField("raw_data"):
+        dims = tuple(int(d) for d in proto.dims)
+        raw = proto.raw_data
+        if len(raw) == math.prod(dims) * dt.itemsize:
+            return np.frombuffer(raw, dtype=dt).reshape(dims).astype(dt.newbyteorder("="), copy=False)
+    return numpy_helper.to_array(proto)
+
+
+def tensor_array(value: object) -> np.ndarray:
+    """The array of a tensor-valued attribute (a TensorProto, or a rewrite's Constant)."""
+    if isinstance(value, Constant):
+        return np.asarray(value.values)
+    return proto_array(value)  # type: ignore[arg-type]
+
+
+class Node:
+    """One operator. ``proto`` / ``index``: the NodeProto it was imported from and its position
+    in its graph then (None for a rewrite's new node)."""
+
+    __slots__ = ("__weakref__", "_attrs", "domain", "index", "inputs", "name", "op", "outputs", "proto")
+
+    def __init__(
+        self,
+        op: str,
+        name: str | None = None,
+        attrs: dict[str, object] | None = None,
+        inputs: Iterable[Tensor] | None = None,
+        outputs: Iterable[Tensor] | None = None,
+        domain: str | None = None,
+    ) -> None:
+        self.op = op
+        self.name = name or ""
+        self.domain = domain
+        self.proto: onnx.NodeProto | None = None
+        self.index = -1
+        self._attrs: dict[str, object] | None = dict(attrs) if attrs else {}
+        self.inputs: list[Tensor] = list(inputs or ())
+        self.outputs: list[Tensor] = list(outputs or ())
+        for t in self.inputs:
+            t.outputs.append(self)
+        for t in self.outputs:
+            t.inputs.append(self)
+
+    @property
+    def attrs(self) -> dict[str, object]:
+        if self._attrs is None:
+            assert self.proto is not None
+            self._attrs = {a.name: attribute_value(a, None) for a in self.proto.attribute}
+        return self._attrs
+
+    def to_proto(self) -> onnx.NodeProto:
+        """A NodeProto for a new node (an imported one keeps its own)."""
+        proto = onnx.NodeProto(
+            op_type=self.op, input=[t.name for t in self.inputs], output=[t.name for t in self.outputs]
+        )
+        if self.name:
+            proto.name = self.name
+        if self.domain is not None:
+            proto.domain = self.domain
+        if self._attrs is None and self.proto is not None:
+            proto.attribute.extend(self.proto.attribute)  # not decoded: copied as they are
+            return proto
+        for key, value in self.attrs.items():
+            if isinstance(value, Constant):
+                value = value.to_proto()
+            proto.attribute.append(helper.make_attribute(key, value))
+        return proto
+
+    def clone(self, inputs: Iterable[Tensor], outputs: Iterable[Tensor]) -> Node:
+        """A new node like this one (same op, name, attributes) between other tensors."""
+        node = Node(self.op, self.name, None, inputs, outputs, self.domain)
+        if self.proto is not None and self._attrs is None:
+            node.proto, node._attrs = self.proto, None  # attributes read from the same NodeProto
+        else:
+            node._attrs = dict(self.attrs)
+        return node
+
+    def __repr__(self) -> str:
+        return f"Node({self.op}, {self.name!r})"
+
+
+class Graph:
+    """A (sub)graph: its nodes in order, its inputs and outputs, where it came from."""
+
+    __slots__ = ("constants", "dirty", "inputs", "locator", "name", "nodes", "outputs", "proto")
+
+    def __init__(self, proto: onnx.GraphProto, locator: tuple[tuple[int, int, int], ...]) -> None:
+        self.nodes: list[Node] = []
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self.name = proto.name
+        self.proto = proto
+        self.locator = locator  # (node index, attribute index, graph index) steps from the main graph
+        self.constants: dict[str, Constant] = {}  # its initializers
+        self.dirty = False  # nodes changed since import: written back at export
+
+
+def attribute_value(a: onnx.AttributeProto, graph: Callable[[onnx.GraphProto, int], Graph] | None) -> object:
+    """Python value of an attribute: numbers, str, lists, TensorProto; bodies via ``graph``."""
+    t = a.type
+    if t == AP.FLOAT:
+        return a.f
+    if t == AP.INT:
+        return a.i
+    if t == AP.STRING:
+        return a.s.decode("utf-8", "replace")
+    if t == AP.INTS:
+        return list(a.ints)
+    if t == AP.FLOATS:
+        return list(a.floats)
+    if t == AP.STRINGS:
+        return [s.decode("utf-8", "replace") for s in a.strings]
+    if t == AP.TENSOR:
+        return a.t
+    if t == AP.TENSORS:
+        return list(a.tensors)
+    if t == AP.GRAPH:
+        return graph(a.g, 0) if graph is not None else a.g
+    if t == AP.GRAPHS:
+        return [graph(g, i) if graph is not None else g for i, g in enumerate(a.graphs)]
+    if t == AP.SPARSE_TENSOR:
+        return a.sparse_tensor
+    if t == AP.TYPE_PROTO:
+        return a.tp
+    return None
+
+
+def graphs_of(value: object) -> list[Graph]:
+    """The graphs an attribute value holds (a body, or a list of them)."""
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, Graph)]
+
+
+def bodies(node: Node) -> list[tuple[str, Graph]]:
+    """(attribute name, graph) for each body a node holds."""
+    attrs = node._attrs if node._attrs is not None else node.attrs
+    return [(k, g) for k, v in attrs.items() for g in graphs_of(v)]
+
+
+def import_model(model: onnx.ModelProto) -> Graph:
+    """The main graph of ``model`` (its bodies reachable through node attributes)."""
+    return _import_graph(model.graph, [], ())
+
+
+def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: tuple) -> Graph:
+    graph = Graph(gp, locator)
+    local: dict[str, Tensor] = {}
+    for init in gp.initializer:
+        c = Constant(init.name, proto=init)
+        local[init.name] = graph.constants[init.name] = c
+    for vi in gp.input:
+        t = local.get(vi.name)
+        if t is None:
+            t = local[vi.name] = Variable(vi.name)
+            _annotate(t, vi)
+        graph.inputs.append(t)
+    scopes = [local, *outer]
+
+    def find(name: str) -> Tensor:
+        if not name:
+            return Variable("")
+        for scope in scopes:
+            t = scope.get(name)
+            if t is not None:
+                return t
+        t = local[name] = Variable(name)
+        return t
+
+    new_node = Node.__new__
+    nodes = graph.nodes
+    for i, p in enumerate(gp.node):
+        node = new_node(Node)
+        node.op = p.op_type
+        node.name = p.name
+        node.domain = p.domain if p.HasField("domain") else None
+        node.proto = p
+        node.index = i
+        node._attrs = None
+        if len(p.attribute) and (
+            p.op_type in _CONTROL_FLOW or any(a.type in _GRAPH_ATTRS for a in p.attribute)
+        ):
+            # Bodies first: their reads of outer values come before this node in consumer lists.
+            node._attrs = {
+                a.name: attribute_value(a, _body_importer(scopes, (*locator, (i, k))))
+                for k, a in enumerate(p.attribute)
+            }
+        node.inputs = ins = [find(n) for n in p.input]
+        node.outputs = outs = [_output(local, n) for n in p.output]
+        for t in ins:
+            t.outputs.append(node)
+        for t in outs:
+            t.inputs.append(node)
+        nodes.append(node)
+    for vi in (*gp.value_info, *gp.output):
+        t = local.get(vi.name)
+        if isinstance(t, Variable):
+            _annotate(t, vi)
+    graph.outputs = [find(o.name) for o in gp.output]
+    return graph
+
+
+def _body_importer(scopes: list[dict[str, Tensor]], where: tuple) -> Callable[[onnx.GraphProto, int], Graph]:
+    return lambda g, j: _import_graph(g, scopes, (*where[:-1], (*where[-1], j)))
+
+
+def _output(local: dict[str, Tensor], name: str) -> Tensor:
+    if not name:
+        return Variable("")
+    t = local.get(name)
+    if t is None:
+        t = local[name] = Variable(name)
+    return t
+
+
+def _annotate(t: Tensor, vi: onnx.ValueInfoProto) -> None:
+    """dtype / shape of ``t`` from a ValueInfoProto (tensor types only)."""
+    if not vi.type.HasField("tensor_type"):
+        return
+    tt = vi.type.tensor_type
+    t.dtype = int(tt.elem_type) or t.dtype
+    if tt.HasField("shape"):
+        dims: list[Dim] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        t.shape = dims
+
+
+def resolve(model: onnx.ModelProto, locator: tuple[tuple[int, int, int], ...]) -> onnx.GraphProto:
+    """The GraphProto at ``locator`` in ``model`` (a copy of the model the locator was made in)."""
+    g = model.graph
+    for node_i, attr_i, graph_i in locator:
+        a = g.node[node_i].attribute[attr_i]
+        g = a.g if a.type == AP.GRAPH else a.graphs[graph_i]
+    return g
+
+
+def standalone_model(
+    nodes: list[Node], inputs: list[Tensor], outputs: list[Tensor], opset: int, ir_version: int
+) -> onnx.ModelProto:
+    """A model of just ``nodes``: their Constant inputs become initializers; the default domain
+    at ``opset``, any other domain the nodes use at version 1."""
+    consts: dict[str, Constant] = {}
+    for n in nodes:
+        for t in n.inputs:
+            if isinstance(t, Constant):
+                consts.setdefault(t.name, t)
+
+    def info(t: Tensor) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(t.name, t.dtype or 0, t.shape)
+
+    graph = helper.make_graph(
+        [n.to_proto() for n in nodes],
+        "lnfuse",
+        [info(t) for t in inputs],
+        [info(t) for t in outputs],
+        [c.to_proto() for c in consts.values()],
+    )
+    domains = sorted({n.domain for n in nodes if n.domain})
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)

@@ -1,0 +1,302 @@
+"""lnfuse.ir builds the graph onnx-graphsurgeon's importer builds, and writes back only what changed.
+
+onnx-graphsurgeon (its public ``import_onnx``) is the reference: on every shipped model and on
+hand-built corner cases (subgraphs reading outer-scope tensors, empty optional inputs/outputs,
+custom domains, a Constant node with a tensor attribute, an initializer that is also an input,
+local functions), both importers must give the same nodes in the same order, the same tensor
+sharing, the same producer / consumer lists, the same constants and annotated dtypes / shapes.
+An export with nothing rewritten keeps every NodeProto and initializer byte for byte, and
+building the index never modifies the caller's model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lnfuse
+from lnfuse import ir
+from lnfuse.graph import ModelGraph
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "models").rglob("*.onnx"))
+
+
+def _gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    stack = [graph]
+    while stack:
+        g = stack.pop(0)
+        yield g
+        for node in g.nodes:
+            for value in node.attrs.values():
+                stack += [
+                    s for s in (value if isinstance(value, list) else [value]) if isinstance(s, gs.Graph)
+                ]
+
+
+def _ir_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    stack = [graph]
+    while stack:
+        g = stack.pop(0)
+        yield g
+        for node in g.nodes:
+            stack += [b for _, b in ir.bodies(node)]
+
+
+def _dtype(t: object) -> int | None:
+    if getattr(t, "type", "tensor_type") != "tensor_type":
+        return None  # onnx-graphsurgeon gives a sequence its element type; lnfuse gives it none
+    return ir.elem_type(getattr(t, "dtype", None))
+
+
+def _attr(v: object) -> object:
+    if isinstance(v, (gs.Graph, ir.Graph)):
+        return "graph"
+    if isinstance(v, gs.Constant):
+        return ("tensor", np.asarray(v.values).tobytes())
+    if isinstance(v, onnx.TensorProto):
+        return ("tensor", numpy_helper.to_array(v).tobytes())
+    if isinstance(v, list):
+        return [_attr(x) for x in v]
+    return v
+
+
+def _describe(graphs: Iterator, is_const: type) -> list:
+    """Nodes and tensors with object identity replaced by first-seen order."""
+    ids: dict[int, int] = {}
+
+    def ref(obj: object) -> int:
+        return ids.setdefault(id(obj), len(ids))
+
+    def tensor(t: object) -> tuple:
+        const = isinstance(t, is_const)
+        shape = None if t.shape is None else [d if isinstance(d, (int, str)) else None for d in t.shape]
+        value = np.asarray(t.values).tobytes() if const else None
+        return (
+            ref(t),
+            t.name,
+            const,
+            value,
+            _dtype(t),
+            shape,
+            [ref(n) for n in t.inputs],
+            [ref(n) for n in t.outputs],
+        )
+
+    out: list = []
+    for g in graphs:
+        out.append(("graph", [tensor(t) for t in g.outputs]))
+        for node in g.nodes:
+            attrs = sorted((k, _attr(v)) for k, v in node.attrs.items())
+            ins = [tensor(t) for t in node.inputs]
+            outs = [tensor(t) for t in node.outputs]
+            out.append((ref(node), node.op, node.name, node.domain or None, attrs, ins, outs))
+    return out
+
+
+def _assert_same_as_graphsurgeon(model: onnx.ModelProto) -> None:
+    theirs = _describe(_gs_graphs(gs.import_onnx(model)), gs.Constant)
+    ours = _describe(_ir_graphs(ir.import_model(model)), ir.Constant)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT / "models")) for p in SHIPPED])
+def test_shipped_models_import_as_graphsurgeon_does(path: Path) -> None:
+    _assert_same_as_graphsurgeon(onnx.load(str(path)))
+
+
+def _corner_model() -> onnx.ModelProto:
+    """Outer-scope reads from a Loop body and an If branch, empty optional names, a custom domain,
+    a Constant node with a tensor attribute, value_info, an initializer that is also an input."""
+    f = TensorProto.FLOAT
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["t_out"], name="then_add")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", f, [2, 3])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Sub", ["x", "w"], ["e_out"], name="else_sub")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", f, [2, 3])],
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+            helper.make_node("Add", ["carry", "x"], ["carry_out"], name="body_add"),
+            helper.make_node("Identity", ["carry_out"], ["scan_out"], name="body_scan"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carry", f, [2, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carry_out", f, [2, 3]),
+            helper.make_tensor_value_info("scan_out", f, [2, 3]),
+        ],
+    )
+    nodes = [
+        helper.make_node(
+            "Constant",
+            [],
+            ["c"],
+            name="const",
+            value=numpy_helper.from_array(np.ones((2, 3), np.float32), "c_val"),
+        ),
+        helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+        helper.make_node("If", ["flag"], ["if_out"], name="if", then_branch=then_g, else_branch=else_g),
+        helper.make_node("Loop", ["trip", "", "a"], ["loop_carry", "loop_scan"], name="loop", body=body),
+        helper.make_node("Clip", ["if_out", "", "w"], ["clipped"], name="clip_empty_min"),
+        helper.make_node("Dropout", ["clipped"], ["dropped", ""], name="dropout_empty_mask"),
+        helper.make_node("MyOp", ["dropped"], ["custom"], name="custom", domain="my.domain", alpha=0.5),
+        helper.make_node("Mul", ["custom", "loop_carry"], ["y"], name="mul"),
+        helper.make_node("Mul", ["y", "y"], ["y2"]),  # unnamed node
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "corners",
+        [
+            helper.make_tensor_value_info("x", f, [2, 3]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("w", f, [2, 3]),
+        ],
+        [helper.make_tensor_value_info("y2", f, [2, 3]), helper.make_tensor_value_info("loop_scan", f, None)],
+        [
+            numpy_helper.from_array(np.full((2, 3), 0.5, np.float32), "w"),
+            numpy_helper.from_array(np.asarray(3, np.int64), "trip"),
+        ],
+        value_info=[helper.make_tensor_value_info("a", f, [2, 3])],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)],
+        ir_version=8,
+    )
+
+
+def test_corner_cases_import_as_graphsurgeon_does() -> None:
+    _assert_same_as_graphsurgeon(_corner_model())
+
+
+def _twice_function() -> onnx.FunctionProto:
+    """A local function ``local.Twice(a) = a + a``."""
+    return helper.make_function(
+        "local",
+        "Twice",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+
+
+def test_local_functions_import_as_graphsurgeon_does() -> None:
+    model = _corner_model()
+    model.functions.append(_twice_function())
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node.append(helper.make_node("Twice", ["y2"], ["y3"], name="call", domain="local"))
+    _assert_same_as_graphsurgeon(model)
+
+
+def _mark_all_dirty(mg: ModelGraph) -> None:
+    for view in mg.views:
+        view.graph.dirty = True
+
+
+@pytest.mark.parametrize("consume", [False, True], ids=["copy", "consume"])
+def test_unchanged_export_keeps_every_proto(consume: bool) -> None:
+    """Every graph rewritten with nothing changed: the same bytes (unused initializers aside)."""
+    model = _corner_model()
+    before = model.SerializeToString()
+    mg = ModelGraph(model)
+    _mark_all_dirty(mg)
+    out = mg.export(consume=consume)
+    assert (out is model) == consume
+    if not consume:
+        assert model.SerializeToString() == before  # the caller's model is untouched
+    ref = onnx.ModelProto.FromString(before)
+    assert [n.SerializeToString() for n in out.graph.node] == [n.SerializeToString() for n in ref.graph.node]
+    assert [t.SerializeToString() for t in out.graph.initializer] == [
+        t.SerializeToString() for t in ref.graph.initializer
+    ]
+
+
+def test_index_never_modifies_the_input() -> None:
+    for path in SHIPPED[:40]:
+        model = onnx.load(str(path))
+        before = model.SerializeToString()
+        mg = ModelGraph(model)
+        for view in mg.views:
+            for node in view.graph.nodes:
+                assert isinstance(node.attrs, dict)  # decoded
+        assert model.SerializeToString() == before, path
+
+
+def test_dead_nodes_are_dropped_only_from_a_rewritten_model() -> None:
+    model = onnx.load(str(ROOT / "models" / "exported" / "torch_layernorm_2d_opset14.onnx"))
+    x = model.graph.input[0].name
+    model.graph.node.extend(
+        [helper.make_node("Relu", [x], ["dead1"]), helper.make_node("Neg", ["dead1"], ["dead2"])]
+    )
+    unchanged = lnfuse.optimize(model, rmsnorm=False, verify=False, passes=())
+    assert not unchanged.changed and unchanged.model is model
+    fused = lnfuse.optimize(model)
+    ops = [n.op_type for n in fused.model.graph.node]
+    assert ops == ["LayerNormalization"]
+
+
+def test_threads_optimize_to_the_same_bytes() -> None:
+    """Nothing process-global: threads optimizing different models get the sequential bytes."""
+    paths = [p for p in SHIPPED if p.parent.name in ("exported", "tf", "paddle")][:8]
+    assert len(paths) >= 6
+    sequential = [lnfuse.optimize(str(p)).model.SerializeToString() for p in paths]
+    results: list[bytes | None] = [None] * len(paths)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(2):
+                results[i] = lnfuse.optimize(str(paths[i])).model.SerializeToString()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == sequential
+
+
+def test_no_third_party_class_is_patched() -> None:
+    """The graph layer does not import onnx-graphsurgeon at all."""
+    import sys
+
+    graph_src = (ROOT / "lnfuse" / "graph.py").read_text() + (ROOT / "lnfuse" / "ir.py").read_text()
+    assert "onnx_graphsurgeon" not in graph_src and "setattr(" not in graph_src
+    assert "gc.disable" not in (ROOT / "lnfuse" / "api.py").read_text()
+    assert sys.modules.get("lnfuse.graph") is not None
+
+
+def test_graphsurgeon_graph_in_and_out() -> None:
+    """A gs.Graph in (TensorRT pipelines): the result as a ModelProto and as a gs.Graph."""
+    model = onnx.load(str(ROOT / "models" / "exported" / "torch_layernorm_2d_opset14.onnx"))
+    graph = gs.import_onnx(model)
+    n_before = len(graph.nodes)
+    result = lnfuse.optimize(graph)
+    assert result.changed and isinstance(result.graph, gs.Graph)
+    assert [n.op for n in result.graph.nodes] == ["LayerNormalization"]
+    assert [n.op_type for n in result.model.graph.node] == ["LayerNormalization"]
+    assert len(graph.nodes) == n_before  # the caller's graph is untouched

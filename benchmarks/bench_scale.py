@@ -49,6 +49,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 E2E_TARGET_S = 10.0
+FLOOR_TIME_TARGET = 1.5  # issue #12: end to end at most 1.5x the load + save floor's time
+FLOOR_MEM_TARGET = 2.0  # ... and 2x its peak memory
 RATIO_TARGET = 12.0
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def child(src: str, out: str) -> dict[str, object]:
     rec: dict[str, object] = {
         "py_import": t_import - t_start,
         "load": tm.get("load"),
-        "gs_import": tm.get("import_"),
+        "import": tm.get("import_"),
         "pass": tm.get("match"),
         "export": tm.get("export"),
         "check": tm.get("check"),
@@ -193,6 +195,12 @@ def e2e_command(src: Path, out: Path, form: str) -> tuple[list[str], str]:
     return [sys.executable, "-c", code], "python -c 'lnfuse.optimize + onnx.save' (no lnfuse/__main__.py yet)"
 
 
+def floor_command(src: Path, out: Path) -> list[str]:
+    """What any tool must at least do: start Python, ``onnx.load`` the model, ``onnx.save`` it."""
+    code = f"import onnx; m = onnx.load({str(src)!r}); onnx.save(m, {str(out)!r})"
+    return [sys.executable, "-c", code]
+
+
 def calibrate() -> float:
     """Seconds for a fixed pure-Python loop (10M additions): how fast this CPU is right now.
 
@@ -238,14 +246,19 @@ def measure(
     assert best is not None
     rec.update(best)
 
-    # End to end (best of `repeat`), then the output's LN count.
+    # End to end (best of `repeat`), each run right after the load + save floor on the same file.
     out = workdir / f"{name}.e2e.onnx"
-    walls, rsss, calib = [], [], []
+    walls, rsss, calib, floor_walls, floor_rsss = [], [], [], [], []
     label = ""
     for _ in range(repeat):
         if out.exists():
             out.unlink()
         calib.append(calibrate())
+        wall, rss, rc, err = _run_wait4(floor_command(src, workdir / f"{name}.floor.onnx"), workdir)
+        if rc != 0:
+            raise RuntimeError(f"{name}: load + save floor failed (rc {rc}):\n{err}")
+        floor_walls.append(wall)
+        floor_rsss.append(rss)
         cmd, label = e2e_command(src, out, form)
         wall, rss, rc, err = _run_wait4(cmd, workdir)
         if rc != 0 or not out.exists():
@@ -255,7 +268,11 @@ def measure(
     rec["e2e"] = min(walls)
     rec["e2e_runs"] = walls
     rec["calib_runs"] = calib
-    rec["e2e_rss_mib"] = max(rsss)
+    rec["e2e_rss_mib"] = min(rsss)
+    rec["floor"] = min(floor_walls)
+    rec["floor_rss_mib"] = min(floor_rsss)
+    rec["x_floor"] = rec["e2e"] / rec["floor"]
+    rec["x_floor_mem"] = rec["e2e_rss_mib"] / rec["floor_rss_mib"]
     rec["e2e_via"] = label
     rec["out_ln"] = _count_ln(str(out))
     return rec
@@ -274,7 +291,7 @@ COLUMNS = [
     ("nodes", "nodes", 7),
     ("fused", "LN", 6),
     ("load", "load", 6),
-    ("gs_import", "import", 7),
+    ("import", "import", 7),
     ("phase_walk", "walk", 6),
     ("phase_check", "check", 6),
     ("phase_prove", "prove", 6),
@@ -289,13 +306,23 @@ COLUMNS = [
     ("rss_mib", "rssMiB", 7),
     ("e2e", "e2e", 6),
     ("e2e_rss_mib", "e2eMiB", 7),
+    ("floor", "floor", 6),
+    ("floor_rss_mib", "flMiB", 6),
+    ("x_floor", "xtime", 6),
+    ("x_floor_mem", "xmem", 5),
 ]
 
 
 def print_table(records: list[dict[str, object]]) -> None:
     print("times in seconds; 'pass' = match + rewrite (walk/check/prove/rewrite/commit are parts of it);")
     print("'optim' = lnfuse.optimize(path) in-process; 'child' = in-process total incl. imports and save;")
-    print("'e2e' = process start to file written (best run); RSS = peak resident set size")
+    print("'e2e' = process start to file written (best run); RSS = peak resident set size;")
+    print(
+        "'floor' = a process that only runs onnx.load + onnx.save on the same file, just before each e2e run;"
+    )
+    print(
+        f"'xtime' / 'xmem' = e2e over the floor (targets: <= {FLOOR_TIME_TARGET}x time, <= {FLOOR_MEM_TARGET}x memory)"
+    )
     print(" ".join(h.rjust(w) if k != "model" else h.ljust(w) for k, h, w in COLUMNS))
     for r in records:
         cells = []
@@ -413,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"chain_10000 end to end: {float(big10k['e2e']):.2f} s (target < {E2E_TARGET_S:.0f} s): {verdict}"
             )  # type: ignore[arg-type]
+        if big10k is not None:
+            xt, xm = float(big10k["x_floor"]), float(big10k["x_floor_mem"])  # type: ignore[arg-type]
+            print(
+                f"chain_10000 against the load + save floor ({float(big10k['floor']):.2f} s, "  # type: ignore[arg-type]
+                f"{float(big10k['floor_rss_mib']):.0f} MiB): {xt:.2f}x time (target <= {FLOOR_TIME_TARGET}x): "  # type: ignore[arg-type]
+                f"{'PASS' if xt <= FLOOR_TIME_TARGET else 'MISS'}, {xm:.2f}x memory (target <= {FLOOR_MEM_TARGET}x): "
+                f"{'PASS' if xm <= FLOOR_MEM_TARGET else 'MISS'}"
+            )
         print(
             "cpu check = a fixed 10M-iteration Python loop timed just before each run "
             "(0.3-0.5 s seen on this 2-core machine; larger means a slower moment)"

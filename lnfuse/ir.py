@@ -297,7 +297,8 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
         t = local[name] = Variable(name)
         return t
 
-    new_node = Node.__new__
+    new_node, new_var = Node.__new__, Variable.__new__
+    get = local.get
     nodes = graph.nodes
     for i, p in enumerate(gp.node):
         node = new_node(Node)
@@ -315,12 +316,26 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
                 a.name: attribute_value(a, _body_importer(scopes, (*locator, (i, k))))
                 for k, a in enumerate(p.attribute)
             }
-        node.inputs = ins = [find(n) for n in p.input]
-        node.outputs = outs = [_output(local, n) for n in p.output]
-        for t in ins:
+        ins = []
+        for name in p.input:
+            t = get(name) if name else None
+            if t is None:
+                t = find(name)  # an outer scope's, an undefined one, or an omitted input
             t.outputs.append(node)
-        for t in outs:
-            t.inputs.append(node)
+            ins.append(t)
+        node.inputs = ins
+        outs = []
+        for name in p.output:
+            t = get(name) if name else None
+            if t is None:  # the usual case, built inline (110k nodes: ~0.3 s less than Variable())
+                t = new_var(Variable)
+                t.name, t.inputs, t.outputs, t.dtype, t.shape = name, [node], [], None, None
+                if name:
+                    local[name] = t
+            else:
+                t.inputs.append(node)
+            outs.append(t)
+        node.outputs = outs
         nodes.append(node)
     for vi in (*gp.value_info, *gp.output):
         t = local.get(vi.name)
@@ -332,15 +347,6 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
 
 def _body_importer(scopes: list[dict[str, Tensor]], where: tuple) -> Callable[[onnx.GraphProto, int], Graph]:
     return lambda g, j: _import_graph(g, scopes, (*where[:-1], (*where[-1], j)))
-
-
-def _output(local: dict[str, Tensor], name: str) -> Tensor:
-    if not name:
-        return Variable("")
-    t = local.get(name)
-    if t is None:
-        t = local[name] = Variable(name)
-    return t
 
 
 def _annotate(t: Tensor, vi: onnx.ValueInfoProto) -> None:

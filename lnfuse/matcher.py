@@ -202,13 +202,13 @@ class Walker:
 
     # -- proposals --------------------------------------------------------------
     def proposals(
-        self, kind: str = "ln"
+        self, kind: S.NormKind = S.NormKind.LN
     ) -> list[tuple[ir.Tensor, tuple[int, ...], int | None, ir.Node, bool, dict[int, V.View]]]:
         """``(X, axes, rank, anchor, positive, views)`` for every reduction anchor, deduplicated
         (``views``: reshaped views of X the walk enters, by tensor id).
 
-        A layer norm always reduces ``x`` itself (its mean), so for ``kind="ln"`` the
-        anchor's input is ``x``; an RMS norm only reduces ``x**2``, so for ``kind="rms"``
+        A layer norm always reduces ``x`` itself (its mean), so for ``NormKind.LN`` the
+        anchor's input is ``x``; an RMS norm only reduces ``x**2``, so for ``NormKind.RMS``
         ``x`` is the operand of the square feeding the reduction.
         """
         seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -232,8 +232,8 @@ class Walker:
                             if p is not None and S.scalar_of(np.asarray(p, dtype=np.float64)) == 2.0:
                                 square_of = src.inputs[0]
                     if square_of is not None:
-                        xs = [square_of] if kind == "rms" else []
-                    elif kind == "rms":
+                        xs = [square_of] if kind is S.NormKind.RMS else []
+                    elif kind is S.NormKind.RMS:
                         xs = []
                     raw_axes, ok = reduce_axes(self.mg, node)
                     if not ok:
@@ -842,7 +842,7 @@ class Walker:
         return (
             stats_failure
             or keepdims_failure
-            or any(e.kind == "ln" for e in ctx.edefs)
+            or any(e.kind is S.NormKind.LN for e in ctx.edefs)
             or any(
                 any(a == "M" for m in v.terms for a, _ in m)
                 and any(a.startswith("E") for m in v.terms for a, _ in m)
@@ -901,7 +901,7 @@ class Walker:
     @staticmethod
     def _side_kind(sym: S.Sym | None, form: S.NormForm, ctx: S.Context) -> str:
         """ "mean" / "inv_std" when ``sym`` is exactly mean(x) / (var + eps)**-1/2 of this norm."""
-        if sym is None or form.kind != "ln" or len(sym.terms) != 1:
+        if sym is None or form.kind is not S.NormKind.LN or len(sym.terms) != 1:
             return ""
         ((mono, coef),) = sym.terms.items()
         if S.scalar_of(coef) != 1.0:

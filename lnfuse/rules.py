@@ -31,7 +31,7 @@ import onnx
 from lnfuse import ir, shapes
 from lnfuse.graph import FLOAT_TYPES, ModelGraph, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
-from lnfuse.symbolic import equal_arrays
+from lnfuse.symbolic import NormKind, equal_arrays
 
 TP = onnx.TensorProto
 SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
@@ -76,7 +76,7 @@ def pattern_label(cand: Candidate, mg: ModelGraph, flags: set[str] | frozenset[s
     ops = [n.op for n in cand.nodes]
     if "unflattened" in flags:
         return "function-expanded" if "one_pass" in flags else "reshaped"
-    if cand.form.kind == "rms":
+    if cand.form.kind is NormKind.RMS:
         base = "rmsnorm"
     elif "one_pass" in flags:
         base = "one-pass-variance"
@@ -135,12 +135,12 @@ def _fits(values: np.ndarray, elem_type: int) -> bool:
 
 
 class NormRule:
-    """Fuses one kind of normalization (``kind`` "ln" or "rms")."""
+    """Fuses one kind of normalization."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.op = "LayerNormalization" if kind == "ln" else "RMSNormalization"
-        self.min_opset = 17 if kind == "ln" else 23
+    def __init__(self, kind: NormKind) -> None:
+        self.kind = NormKind(kind)
+        self.op = "LayerNormalization" if self.kind is NormKind.LN else "RMSNormalization"
+        self.min_opset = 17 if self.kind is NormKind.LN else 23
 
     # -- pattern ------------------------------------------------------------------
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal | AnchorNote]:
@@ -158,7 +158,7 @@ class NormRule:
                     continue
                 claimed.update((id(n), cand.group) for n in cand.nodes)
                 yield cand
-            if self.kind == "ln":
+            if self.kind is NormKind.LN:
                 said.extend((anchor, r) for r in res.refusals)
             if res.note:
                 said.append((anchor, AnchorNote(node_label(anchor), res.note)))
@@ -179,7 +179,7 @@ class NormRule:
 
         form = cand.form
         x = cand.x
-        if self.kind == "rms" and _is_centred(mg, x):
+        if self.kind is NormKind.RMS and _is_centred(mg, x):
             # Real RMS norms (T5, LLaMA) never normalize x - mean: this is a layer-norm
             # look-alike (or a layer norm refused for a reason of its own); leave it.
             return refuse(f"input '{x.name}' is x - mean(...): a layer-norm look-alike, not an RMSNorm")
@@ -250,7 +250,7 @@ class NormRule:
         k = form.edef.k
         flags = set(cand.flags)
         if abs(k - 1.0) > 1e-6:
-            if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and self.kind == "ln":
+            if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and self.kind is NormKind.LN:
                 flags.add("unbiased")
             elif "reduce_sum" in cand.flags:
                 return refuse(

@@ -34,6 +34,7 @@ Nothing here touches a graph: :mod:`lnfuse.matcher` feeds values in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -64,6 +65,13 @@ _Q: Monomial = (("Q", 1.0),)
 _M2: Monomial = (("M", 2.0),)
 
 
+class NormKind(str, Enum):
+    """Which normalization a tensor computes: a layer norm (centred) or an RMS norm."""
+
+    LN = "ln"
+    RMS = "rms"
+
+
 @dataclass(frozen=True)
 class EDef:
     """Definition of an ``E`` atom: ``E = V + eps`` with ``V`` the biased variance (``ln``) or ``Q`` (``rms``).
@@ -72,7 +80,7 @@ class EDef:
     ``N / (N - 1)`` for an unbiased variance.
     """
 
-    kind: str  # "ln" or "rms"
+    kind: NormKind
     eps: float
     k: float
     flags: frozenset[str] = frozenset()
@@ -258,9 +266,9 @@ def atomize(s: Sym, ctx: Context) -> tuple[float, str] | None:
         m2s = scalar_of(m2)
         if m2s is None or m2s != -c:
             return None
-        kind = "ln"
+        kind = NormKind.LN
     else:
-        kind = "rms"
+        kind = NormKind.RMS
     e_total = 0.0
     if e_coef is not None:
         es = scalar_of(e_coef)
@@ -330,7 +338,7 @@ def reduce_mean(s: Sym) -> Sym | None:
 class NormForm:
     """A tensor recognised as a complete normalization of ``X``."""
 
-    kind: str  # "ln" or "rms"
+    kind: NormKind
     edef: EDef
     scale: np.ndarray  # float64, broadcastable against X
     bias: np.ndarray | None  # float64, or None when there is no additive term
@@ -367,7 +375,7 @@ def as_norm(s: Sym, ctx: Context) -> NormForm | None:
     if g is None:
         return None
     bias = s.terms.get(ONE)
-    if edef.kind == "ln":
+    if edef.kind is NormKind.LN:
         gm = s.terms.get(m_mono)
         if gm is None or len(s.terms) != 2 + (bias is not None):
             return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from lnfuse.pipeline import NormPass, PassContext
 from lnfuse.rules import NormRule
+from lnfuse.symbolic import NormKind
 
 
 class LayerNormPass(NormPass):
@@ -26,7 +27,7 @@ class LayerNormPass(NormPass):
     description = "decomposed LayerNorm -> LayerNormalization (opset 17)"
 
     def __init__(self) -> None:
-        self.rule = NormRule("ln")
+        self.rule = NormRule(NormKind.LN)
 
     def enabled(self, ctx: PassContext) -> bool:
         return True

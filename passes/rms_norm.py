@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from lnfuse.pipeline import NormPass, PassContext
 from lnfuse.rules import NormRule
+from lnfuse.symbolic import NormKind
 
 
 class RMSNormPass(NormPass):
@@ -20,7 +21,7 @@ class RMSNormPass(NormPass):
     description = "decomposed RMSNorm -> RMSNormalization (opset 23, opt-in: --rmsnorm)"
 
     def __init__(self) -> None:
-        self.rule = NormRule("rms")
+        self.rule = NormRule(NormKind.RMS)
 
     def enabled(self, ctx: PassContext) -> bool:
         return ctx.rmsnorm

@@ -146,10 +146,11 @@ def tensor_array(value: object) -> np.ndarray:
 
 
 class Node:
-    """One operator. ``proto`` / ``index``: the NodeProto it was imported from and its position
-    in its graph then (None for a rewrite's new node)."""
+    """One operator. ``index``: its position in the GraphProto it was imported from (-1 for a
+    rewrite's new node); ``proto``: that NodeProto, looked up when needed (not held: 110k protobuf
+    wrappers would be 110k more objects for the cyclic GC to scan)."""
 
-    __slots__ = ("__weakref__", "_attrs", "domain", "index", "inputs", "name", "op", "outputs", "proto")
+    __slots__ = ("__weakref__", "_attrs", "_src", "domain", "index", "inputs", "name", "op", "outputs")
 
     def __init__(
         self,
@@ -163,7 +164,7 @@ class Node:
         self.op = op
         self.name = name or ""
         self.domain = domain
-        self.proto: onnx.NodeProto | None = None
+        self._src: onnx.GraphProto | None = None
         self.index = -1
         self._attrs: dict[str, object] | None = dict(attrs) if attrs else {}
         self.inputs: list[Tensor] = list(inputs or ())
@@ -174,10 +175,15 @@ class Node:
             t.inputs.append(self)
 
     @property
+    def proto(self) -> onnx.NodeProto | None:
+        return None if self._src is None else self._src.node[self.index]
+
+    @property
     def attrs(self) -> dict[str, object]:
         if self._attrs is None:
-            assert self.proto is not None
-            self._attrs = {a.name: attribute_value(a, None) for a in self.proto.attribute}
+            proto = self.proto
+            assert proto is not None
+            self._attrs = {a.name: attribute_value(a, None) for a in proto.attribute}
         return self._attrs
 
     def to_proto(self) -> onnx.NodeProto:
@@ -189,8 +195,8 @@ class Node:
             proto.name = self.name
         if self.domain is not None:
             proto.domain = self.domain
-        if self._attrs is None and self.proto is not None:
-            proto.attribute.extend(self.proto.attribute)  # not decoded: copied as they are
+        if self._attrs is None and self._src is not None:
+            proto.attribute.extend(self._src.node[self.index].attribute)  # copied as they are
             return proto
         for key, value in self.attrs.items():
             if isinstance(value, Constant):
@@ -201,8 +207,8 @@ class Node:
     def clone(self, inputs: Iterable[Tensor], outputs: Iterable[Tensor]) -> Node:
         """A new node like this one (same op, name, attributes) between other tensors."""
         node = Node(self.op, self.name, None, inputs, outputs, self.domain)
-        if self.proto is not None and self._attrs is None:
-            node.proto, node._attrs = self.proto, None  # attributes read from the same NodeProto
+        if self._src is not None and self._attrs is None:
+            node._src, node.index, node._attrs = self._src, self.index, None  # same NodeProto's attributes
         else:
             node._attrs = dict(self.attrs)
         return node
@@ -305,7 +311,7 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
         node.op = p.op_type
         node.name = p.name
         node.domain = p.domain if p.HasField("domain") else None
-        node.proto = p
+        node._src = gp
         node.index = i
         node._attrs = None
         if len(p.attribute) and (

@@ -70,7 +70,7 @@ class Candidate:
     output: ir.Tensor
     nodes: list[ir.Node]  # the match, in graph order; nodes[-1] produces ``output``
     form: S.NormForm
-    values: dict[int, S.Sym]
+    valued: frozenset[int]  # ids of the tensors the walk gave a value (the Syms themselves are not kept)
     const_inputs: list[ir.Tensor]
     flags: frozenset[str]
     axes_positive: bool = False
@@ -129,7 +129,7 @@ def _candidate(
         output=t,
         nodes=cone,
         form=form,
-        values=values,
+        valued=frozenset(values),
         const_inputs=consts,
         flags=frozenset(flags),
     )

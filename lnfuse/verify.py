@@ -83,7 +83,7 @@ class Prover:
             if id(t) not in names:
                 made_here = bool(t.inputs) and id(t.inputs[0]) in inside
                 val = None if made_here else mg.const_value(t)
-                if val is None and not made_here and t is not inp and id(t) not in cand.values:
+                if val is None and not made_here and t is not inp and id(t) not in cand.valued:
                     # A shape-derived input (a Reshape target, Expand(1, rows)): its value for the
                     # proof's input shape.
                     val = shapes.evaluate(mg, t, known, refs)

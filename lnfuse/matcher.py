@@ -74,16 +74,10 @@ class Candidate:
     const_inputs: list[ir.Tensor]
     flags: frozenset[str]
     axes_positive: bool = False
-    # Set by the rule's check: what the fused op reads and writes, and the nodes around the
-    # match that it also replaces (a 16-bit Cast island, a Flatten/Reshape sandwich).
     side_outputs: list[tuple[str, ir.Tensor]] = field(default_factory=list)  # ("mean"|"inv_std", tensor)
     x_aliases: list[ir.Node] = field(default_factory=list)  # duplicate Casts producing copies of x
     group: int | None = None  # candidates sharing nodes: rewritten all together or not at all
     side_nodes: list[ir.Node] = field(default_factory=list)  # outside readers that compute only those
-    source: ir.Tensor | None = None
-    final: ir.Tensor | None = None
-    prefix: list[ir.Node] = field(default_factory=list)
-    suffix: list[ir.Node] = field(default_factory=list)
 
 
 @dataclass

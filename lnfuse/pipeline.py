@@ -148,14 +148,14 @@ def _refusal(r: Refusal, pass_name: str) -> RefusalRecord:
 
 
 def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> MatchRecord:
-    final = cand.final if cand.final is not None else cand.output
+    final, ext = p.extent.final, p.extent
     flags = set(p.flags)
-    rounding = removed_rounding((*cand.prefix, *cand.nodes, *cand.suffix), mg.dtype, final)
+    rounding = removed_rounding((*ext.prefix, *cand.nodes, *ext.suffix), mg.dtype, final)
     if rounding is not None:
         flags.add(rounding[0].value)
     added = []
     if p.perm is not None:
-        out = cand.final if cand.final is not None else cand.output
+        out = final
         # A Transpose by the same perm after the match cancels the one back (see rules.rewrite).
         added += ["Transpose"] if undoing_transpose(mg, out, p) is not None else ["Transpose", "Transpose"]
     if p.out_cast is not None:
@@ -166,7 +166,7 @@ def _record(mg: ModelGraph, rule: NormRule, cand: Candidate, p: NormParams) -> M
         graph=cand.view.path,
         output=final.name,
         input=rule.input_of(mg, cand, p).name,
-        nodes=tuple(node_label(n) for n in (*cand.prefix, *cand.nodes, *cand.suffix)),
+        nodes=tuple(node_label(n) for n in (*ext.prefix, *cand.nodes, *ext.suffix)),
         epsilon=p.epsilon,
         axis=p.axis,
         stash_type=p.stash_type,

@@ -65,7 +65,7 @@ class Prover:
     ) -> str | None:
         inp = rule.input_of(mg, cand, params)
         in_dt = mg.dtype(inp)
-        final = cand.final if cand.final is not None else cand.output
+        final = params.extent.final
         out_dt = mg.dtype(final)
         assert in_dt is not None and out_dt is not None
 
@@ -73,7 +73,7 @@ class Prover:
         names: dict[int, ir.Tensor] = {}
         x_in = ir.Variable("x", dtype=np_dtype(in_dt), shape=shape)
         names[id(inp)] = x_in
-        nodes = [*cand.prefix, *cand.nodes, *cand.suffix]
+        nodes = [*params.extent.prefix, *cand.nodes, *params.extent.suffix]
 
         inside = {id(n) for n in nodes}
 
@@ -193,7 +193,7 @@ def _tiny_shapes(mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormPa
 
 
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
-    source = cand.source if cand.source is not None else cand.x
+    source = params.extent.source
     exact = (
         "unflattened" in params.flags
         or params.perm is not None
@@ -258,7 +258,7 @@ def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> tuple:
             params.perm,
             tuple(sorted(params.flags)),
         ),
-        tuple((n.op, _attrs_key(n)) for n in (*cand.prefix, *cand.suffix)),
+        tuple((n.op, _attrs_key(n)) for n in (*params.extent.prefix, *params.extent.suffix)),
         (mg.dtype(cand.x), mg.dtype(cand.output), cand.axes, params.scale.shape, params.bias is None),
     ]
     for n in cand.nodes:

@@ -21,6 +21,7 @@ linear in the number of reductions in the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -425,106 +426,155 @@ class Walker:
     def _eval(
         self, node: ir.Node, ins: list[S.Sym], axes: tuple[int, ...], rank: int | None, ctx: S.Context
     ) -> tuple[S.Sym | None, str]:
+        """The value of ``node``'s first output from its inputs' values (None, why: not modelled)."""
+        evaluate = _EVALUATORS.get(node.op)
+        return (None, "") if evaluate is None else evaluate(self, node, ins, axes, rank, ctx)
+
+    # -- one evaluator per op (the table _EVALUATORS below) ------------------------------------
+    def _ev_identity(self, node: ir.Node, ins: list[S.Sym], *_: object) -> tuple[S.Sym | None, str]:
+        return ins[0], ""
+
+    def _ev_cast(self, node: ir.Node, ins: list[S.Sym], *_: object) -> tuple[S.Sym | None, str]:
+        to = int(node.attrs.get("to", 0))
+        if to not in FLOAT_TYPES:
+            return None, "Cast to a non-float type"
+        src = self.mg.dtype(node.inputs[0])
+        if src is not None and src not in FLOAT_TYPES:
+            return None, "Cast from a non-float type"
+        return ins[0].with_flags("cast"), ""
+
+    def _ev_neg(self, node: ir.Node, ins: list[S.Sym], *_: object) -> tuple[S.Sym | None, str]:
+        return S.neg(ins[0]), ""
+
+    def _ev_add_sub(self, node: ir.Node, ins: list[S.Sym], *_: object) -> tuple[S.Sym | None, str]:
+        if len(ins) != 2:
+            return None, ""
+        return S.add(ins[0], ins[1], 1.0 if node.op == "Add" else -1.0), ""
+
+    def _ev_mul(self, node: ir.Node, ins: list[S.Sym], *_: object) -> tuple[S.Sym | None, str]:
+        if len(ins) != 2:
+            return None, ""
+        res = S.mul(ins[0], ins[1])
+        if res is not None and node.inputs[0] is node.inputs[1]:
+            res = res.with_flags(*self._square_flags(node))
+        return res, ""
+
+    def _ev_div(
+        self, node: ir.Node, ins: list[S.Sym], axes: object, rank: object, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        inv = S.reciprocal(ins[1], ctx)
+        if inv is None:
+            return None, "divisor is not a constant or a positive power of (variance + eps)"
+        return S.mul(ins[0], inv), ""
+
+    def _ev_reciprocal(
+        self, node: ir.Node, ins: list[S.Sym], axes: object, rank: object, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        res = S.reciprocal(ins[0], ctx)
+        return res, "" if res is not None else "Reciprocal of something other than (variance + eps)"
+
+    def _ev_sqrt(
+        self, node: ir.Node, ins: list[S.Sym], axes: object, rank: object, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        res = S.power(ins[0], 0.5, ctx)
+        return res, "" if res is not None else "Sqrt of something other than (variance + eps)"
+
+    def _ev_pow(
+        self, node: ir.Node, ins: list[S.Sym], axes: object, rank: object, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        p = S.scalar_of(ins[1].terms.get(S.ONE, np.asarray(0.0))) if ins[1].is_const() else None
+        if p is None or not np.isfinite(p):
+            return None, "Pow exponent is not a constant scalar"
+        scaled = p * 64.0
+        if scaled != int(scaled):
+            return None, f"Pow exponent {p} is not a multiple of 1/64"
+        frac = float(p)
+        if frac != 2 and frac == int(frac) and abs(frac) != 1:
+            return None, f"Pow exponent {p} (only 2 squares a value)"
+        res = S.power(ins[0], frac, ctx)
+        if res is not None and frac == 2:
+            res = res.with_flags(*self._square_flags(node))
+        return res, "" if res is not None else f"Pow({p}) of something other than (variance + eps)"
+
+    def _ev_reduce(
+        self, node: ir.Node, ins: list[S.Sym], axes: tuple[int, ...], rank: int | None, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
         op = node.op
-        if op == "Identity":
-            return ins[0], ""
-        if op == "Cast":
-            to = int(node.attrs.get("to", 0))
-            if to not in FLOAT_TYPES:
-                return None, "Cast to a non-float type"
-            src = self.mg.dtype(node.inputs[0])
-            if src is not None and src not in FLOAT_TYPES:
-                return None, "Cast from a non-float type"
-            return ins[0].with_flags("cast"), ""
-        if op == "Neg":
-            return S.neg(ins[0]), ""
-        if op in ("Add", "Sub"):
-            if len(ins) != 2:
-                return None, ""
-            return S.add(ins[0], ins[1], 1.0 if op == "Add" else -1.0), ""
-        if op == "Mul":
-            if len(ins) != 2:
-                return None, ""
-            res = S.mul(ins[0], ins[1])
-            if res is not None and node.inputs[0] is node.inputs[1]:
-                res = res.with_flags(*self._square_flags(node))
-            return res, ""
-        if op == "Div":
-            inv = S.reciprocal(ins[1], ctx)
-            if inv is None:
-                return None, "divisor is not a constant or a positive power of (variance + eps)"
-            return S.mul(ins[0], inv), ""
-        if op == "Reciprocal":
-            res = S.reciprocal(ins[0], ctx)
-            return res, "" if res is not None else "Reciprocal of something other than (variance + eps)"
-        if op == "Sqrt":
-            res = S.power(ins[0], 0.5, ctx)
-            return res, "" if res is not None else "Sqrt of something other than (variance + eps)"
-        if op == "Pow":
-            p = S.scalar_of(ins[1].terms.get(S.ONE, np.asarray(0.0))) if ins[1].is_const() else None
-            if p is None or not np.isfinite(p):
-                return None, "Pow exponent is not a constant scalar"
-            scaled = p * 64.0
-            if scaled != int(scaled):
-                return None, f"Pow exponent {p} is not a multiple of 1/64"
-            frac = float(p)
-            if frac != 2 and frac == int(frac) and abs(frac) != 1:
-                return None, f"Pow exponent {p} (only 2 squares a value)"
-            res = S.power(ins[0], frac, ctx)
-            if res is not None and frac == 2:
-                res = res.with_flags(*self._square_flags(node))
-            return res, "" if res is not None else f"Pow({p}) of something other than (variance + eps)"
-        if op in REDUCE_OPS:
-            raw_axes, ok = reduce_axes(self.mg, node)
-            if not ok:
-                return None, f"{op} axes are not constant"
-            squeezed = int(node.attrs.get("keepdims", 1)) != 1
-            if SQUEEZED in ins[0].flags:
-                # Its axes now index a tensor of lower rank: not the normalized axes any more.
-                return None, f"{op} of a keepdims=0 statistic reduces other axes"
-            view = self._next_layout
-            if view is not None:
-                if not view.reduces_rows(raw_axes) or (squeezed and not view.squeezes_rows(raw_axes)):
-                    return None, f"{op} over axes {raw_axes} of a reshaped view, not its normalized axes"
-            else:
-                naxes = normalize_axes(raw_axes, rank)
-                if naxes is None and rank is None:
-                    shape = self.mg.shape(node.inputs[0])
-                    naxes = normalize_axes(raw_axes, len(shape) if shape is not None else None)
-                if naxes != axes:
-                    return None, f"{op} over axes {raw_axes}, not the normalized axes {list(axes)}"
-            arg = S.mul(ins[0], ins[0]) if op == "ReduceSumSquare" else ins[0]
-            res = None if arg is None else S.reduce_mean(arg)
-            if res is None:
-                return None, f"{op} of a value that is not linear in x and x**2"
-            if op in SUM_OPS:
-                if not self._n_norm_done:
-                    self._n_norm_done = True
-                    ctx.n_norm = self._norm_count(*self._n_norm_args)
-                if ctx.n_norm is None:
-                    return None, "ReduceSum over axes of unknown size"
-                res = S.mul(res, S.Sym.const(np.asarray(float(ctx.n_norm))))
-                if res is not None:
-                    res = res.with_flags("reduce_sum")
-            if squeezed and res is not None:
-                # keepdims=0: usable only once an Unsqueeze / Reshape puts the reduced axes back.
-                res = res.with_flags(SQUEEZED)
-            return res, ""
-        if op == "Reshape" and SQUEEZED not in ins[0].flags:
+        raw_axes, ok = reduce_axes(self.mg, node)
+        if not ok:
+            return None, f"{op} axes are not constant"
+        squeezed = int(node.attrs.get("keepdims", 1)) != 1
+        if SQUEEZED in ins[0].flags:
+            # Its axes now index a tensor of lower rank: not the normalized axes any more.
+            return None, f"{op} of a keepdims=0 statistic reduces other axes"
+        why = self._reduces_normalized_axes(node, raw_axes, squeezed, axes, rank)
+        if why:
+            return None, why
+        arg = S.mul(ins[0], ins[0]) if op == "ReduceSumSquare" else ins[0]
+        res = None if arg is None else S.reduce_mean(arg)
+        if res is None:
+            return None, f"{op} of a value that is not linear in x and x**2"
+        if op in SUM_OPS:
+            if not self._n_norm_done:
+                self._n_norm_done = True
+                ctx.n_norm = self._norm_count(*self._n_norm_args)
+            if ctx.n_norm is None:
+                return None, "ReduceSum over axes of unknown size"
+            res = S.mul(res, S.Sym.const(np.asarray(float(ctx.n_norm))))
+            if res is not None:
+                res = res.with_flags("reduce_sum")
+        if squeezed and res is not None:
+            # keepdims=0: usable only once an Unsqueeze / Reshape puts the reduced axes back.
+            res = res.with_flags(SQUEEZED)
+        return res, ""
+
+    def _reduces_normalized_axes(
+        self,
+        node: ir.Node,
+        raw_axes: list[int] | None,
+        squeezed: bool,
+        axes: tuple[int, ...],
+        rank: int | None,
+    ) -> str:
+        """Why a reduction does not reduce the normalized axes (of X, or of the view it reads)."""
+        view = self._next_layout
+        if view is not None:
+            if not view.reduces_rows(raw_axes) or (squeezed and not view.squeezes_rows(raw_axes)):
+                return f"{node.op} over axes {raw_axes} of a reshaped view, not its normalized axes"
+            return ""
+        naxes = normalize_axes(raw_axes, rank)
+        if naxes is None and rank is None:
+            shape = self.mg.shape(node.inputs[0])
+            naxes = normalize_axes(raw_axes, len(shape) if shape is not None else None)
+        if naxes != axes:
+            return f"{node.op} over axes {raw_axes}, not the normalized axes {list(axes)}"
+        return ""
+
+    def _ev_unsqueeze_reshape(
+        self, node: ir.Node, ins: list[S.Sym], axes: tuple[int, ...], *_: object
+    ) -> tuple[S.Sym | None, str]:
+        if node.op == "Reshape" and SQUEEZED not in ins[0].flags:
             return self._reshape_view(node, ins[0])
-        if op == "Squeeze":
-            return self._squeeze(node, ins[0], axes)
-        if op == "Max":
-            return self._clamp_at_zero(node, ins, ctx)
-        if op == "BatchNormalization":
-            return self._batch_norm(node, ins, ctx)
-        if op in ("Unsqueeze", "Reshape"):
-            if SQUEEZED not in ins[0].flags or self._next_layout is not None:
-                return None, ""
-            if not self._restores_reduced_axes(node, axes):
-                return None, f"{op} does not put the reduced axes {list(axes)} back"
-            return S.Sym(ins[0].terms, ins[0].flags - {SQUEEZED}), ""
-        return None, ""
+        if SQUEEZED not in ins[0].flags or self._next_layout is not None:
+            return None, ""
+        if not self._restores_reduced_axes(node, axes):
+            return None, f"{node.op} does not put the reduced axes {list(axes)} back"
+        return S.Sym(ins[0].terms, ins[0].flags - {SQUEEZED}), ""
+
+    def _ev_squeeze(
+        self, node: ir.Node, ins: list[S.Sym], axes: tuple[int, ...], *_: object
+    ) -> tuple[S.Sym | None, str]:
+        return self._squeeze(node, ins[0], axes)
+
+    def _ev_max(
+        self, node: ir.Node, ins: list[S.Sym], axes: object, rank: object, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        return self._clamp_at_zero(node, ins, ctx)
+
+    def _ev_batch_norm(
+        self, node: ir.Node, ins: list[S.Sym], axes: object, rank: object, ctx: S.Context
+    ) -> tuple[S.Sym | None, str]:
+        return self._batch_norm(node, ins, ctx)
 
     def _input_layout(self, node: ir.Node, values: dict[int, S.Sym]) -> tuple[V.View | None, str]:
         """The layout the walked inputs of ``node`` share (None: X's own) and why not, if they don't."""
@@ -1014,3 +1064,24 @@ class Walker:
         except KeyError:
             return nodes, consts, "match spans a subgraph boundary"
         return nodes, consts, ""
+
+
+# op -> evaluator (Walker method): the ops the walk models, each in a few lines.
+_EVALUATORS: dict[str, Callable[..., tuple[S.Sym | None, str]]] = {
+    "Identity": Walker._ev_identity,
+    "Cast": Walker._ev_cast,
+    "Neg": Walker._ev_neg,
+    "Add": Walker._ev_add_sub,
+    "Sub": Walker._ev_add_sub,
+    "Mul": Walker._ev_mul,
+    "Div": Walker._ev_div,
+    "Reciprocal": Walker._ev_reciprocal,
+    "Sqrt": Walker._ev_sqrt,
+    "Pow": Walker._ev_pow,
+    **{op: Walker._ev_reduce for op in REDUCE_OPS},
+    "Reshape": Walker._ev_unsqueeze_reshape,
+    "Unsqueeze": Walker._ev_unsqueeze_reshape,
+    "Squeeze": Walker._ev_squeeze,
+    "Max": Walker._ev_max,
+    "BatchNormalization": Walker._ev_batch_norm,
+}

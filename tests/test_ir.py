@@ -300,3 +300,9 @@ def test_graphsurgeon_graph_in_and_out() -> None:
     assert [n.op for n in result.graph.nodes] == ["LayerNormalization"]
     assert [n.op_type for n in result.model.graph.node] == ["LayerNormalization"]
     assert len(graph.nodes) == n_before  # the caller's graph is untouched
+
+
+def test_the_walk_enters_exactly_the_ops_it_evaluates() -> None:
+    from lnfuse import matcher
+
+    assert frozenset(matcher._EVALUATORS) == matcher.ALGEBRA_OPS

@@ -25,7 +25,7 @@ import onnx
 from lnfuse import ir, shapes
 from lnfuse.graph import FLOAT_TYPES, ModelGraph, np_dtype
 from lnfuse.matcher import Candidate
-from lnfuse.symbolic import NormKind, equal_arrays
+from lnfuse.symbolic import Flag, NormKind, equal_arrays
 
 TP = onnx.TensorProto
 SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
@@ -128,13 +128,13 @@ def _broadcast_into(
 
 
 def variance_flag(kind: NormKind, cand: Candidate, n: int) -> str | tuple[str] | None:
-    """``None`` for a mean, ``("unbiased",)`` for N / (N - 1) (layer norms), else the reason."""
+    """``None`` for a mean, ``(Flag.UNBIASED,)`` for N / (N - 1) (layer norms), else the reason."""
     k = cand.form.edef.k
     if abs(k - 1.0) <= 1e-6:
         return None
     if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and kind is NormKind.LN:
-        return ("unbiased",)
-    if "reduce_sum" in cand.flags:
+        return (Flag.UNBIASED,)
+    if Flag.REDUCE_SUM in cand.flags:
         return f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)"
     return f"variance is scaled by {k:.6g}: neither a mean nor an unbiased estimate"
 
@@ -278,13 +278,13 @@ def coefficients(lay: Layout, dtype: int) -> tuple[np.ndarray, np.ndarray | None
 def pattern_label(cand: Candidate, mg: ModelGraph, flags: set[str] | frozenset[str]) -> str:
     """A short human name for the way this normalization was written (``flags`` as decided by check)."""
     ops = [n.op for n in cand.nodes]
-    if "unflattened" in flags:
-        return "function-expanded" if "one_pass" in flags else "reshaped"
+    if Flag.UNFLATTENED in flags:
+        return "function-expanded" if Flag.ONE_PASS in flags else "reshaped"
     if cand.form.kind is NormKind.RMS:
         base = "rmsnorm"
-    elif "one_pass" in flags:
+    elif Flag.ONE_PASS in flags:
         base = "one-pass-variance"
-    elif "unbiased" in flags:
+    elif Flag.UNBIASED in flags:
         base = "unbiased-variance"
     elif any(n.op == "Mul" and any(t is cand.x for t in n.inputs) for n in cand.nodes):
         base = "keras"

@@ -57,7 +57,7 @@ ALGEBRA_OPS = frozenset(
 )
 REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
 SUM_OPS = ("ReduceSum", "ReduceSumSquare")  # a sum over the normalized axes, not a mean
-SQUEEZED = "squeezed"  # flag: a keepdims=0 reduction, not yet unsqueezed
+SQUEEZED = S.Flag.SQUEEZED  # a keepdims=0 reduction, not yet unsqueezed
 
 
 @dataclass
@@ -441,7 +441,7 @@ class Walker:
         src = self.mg.dtype(node.inputs[0])
         if src is not None and src not in FLOAT_TYPES:
             return None, "Cast from a non-float type"
-        return ins[0].with_flags("cast"), ""
+        return ins[0].with_flags(S.Flag.CAST), ""
 
     def _ev_neg(self, node: ir.Node, ins: list[S.Sym], *_: object) -> tuple[S.Sym | None, str]:
         return S.neg(ins[0]), ""
@@ -522,7 +522,7 @@ class Walker:
                 return None, "ReduceSum over axes of unknown size"
             res = S.mul(res, S.Sym.const(np.asarray(float(ctx.n_norm))))
             if res is not None:
-                res = res.with_flags("reduce_sum")
+                res = res.with_flags(S.Flag.REDUCE_SUM)
         if squeezed and res is not None:
             # keepdims=0: usable only once an Unsqueeze / Reshape puts the reduced axes back.
             res = res.with_flags(SQUEEZED)
@@ -691,7 +691,7 @@ class Walker:
 
     def _square_flags(self, node: ir.Node) -> tuple[str, ...]:
         dt = self.mg.dtype(node.outputs[0]) if node.outputs else None
-        return ("fp16_square",) if dt in (10, 16) else ()
+        return (S.Flag.FP16_SQUARE,) if dt in (10, 16) else ()
 
     # -- choosing outputs ---------------------------------------------------------
     def _select(
@@ -936,7 +936,7 @@ class Walker:
         cands = []
         for t, form, cone, consts in picked:
             cand = _candidate(
-                view, x, axes, rank, t, cone, form, values, consts, extra_flag="shared_statistics"
+                view, x, axes, rank, t, cone, form, values, consts, extra_flag=S.Flag.SHARED_STATISTICS
             )
             cand.group = group_id
             cands.append(cand)

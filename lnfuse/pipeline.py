@@ -17,6 +17,7 @@ from lnfuse.matcher import Candidate, Refusal
 from lnfuse.precision import Rounding, removed_rounding
 from lnfuse.report import MatchRecord, RefusalRecord, Report
 from lnfuse.rules import AnchorNote, NormParams, NormRule, undoing_transpose
+from lnfuse.symbolic import Flag
 
 
 class PassResult(NamedTuple):
@@ -117,7 +118,7 @@ class NormPass:
                 f"{f.split('_')[0]} at '{record.output}'" for f in record.flags if f in _ROUNDING_FLAGS
             ]
             ctx.report.matches.append(record)
-            if "fp16_overflow_prone" in params.flags:
+            if Flag.FP16_OVERFLOW_PRONE in params.flags:
                 ctx.report.warnings.append(
                     f"decomposed fp16 norm at '{cand.output.name}' overflows for |x - mean| > ~256; "
                     "the fused op keeps fp32 statistics (stash_type=1)"

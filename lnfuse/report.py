@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lnfuse.symbolic import Flag
+
 
 @dataclass(frozen=True)
 class MatchRecord:
@@ -118,7 +120,7 @@ class Report:
             lines.append(f"  recurrence: {g.description}")
         for h in self.hoisted:
             lines.append(f"  hoisted: {h}")
-        transposed = sum(1 for m in self.matches if "transposed" in m.flags)
+        transposed = sum(1 for m in self.matches if Flag.TRANSPOSED in m.flags)
         if transposed:
             lines.append(f"  transposes added around {transposed} norm(s) over non-trailing axes")
         if self.found_not_rewritten:

@@ -32,7 +32,7 @@ from lnfuse import checks as C
 from lnfuse import ir
 from lnfuse.graph import ModelGraph, node_label, np_dtype
 from lnfuse.matcher import Candidate, Refusal, Walker
-from lnfuse.symbolic import NormKind
+from lnfuse.symbolic import Flag, NormKind
 
 TP = onnx.TensorProto
 SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
@@ -129,13 +129,13 @@ class NormRule:
         if isinstance(lay, str):
             return _refuse(cand, lay)
         if lay.perm is not None:
-            flags.add("transposed")
+            flags.add(Flag.TRANSPOSED)
         found = C.extent(mg, cand, xdt, tdt, lay)
         if isinstance(found, str):
             return _refuse(cand, found)
         ext, lay, unflattened = found
         if unflattened:
-            flags.add("unflattened")
+            flags.add(Flag.UNFLATTENED)
         dtype, pre_cast, ext = C.compute_type(mg, cand, ext, xdt, lay)
         coefs = C.coefficients(lay, dtype)
         if isinstance(coefs, str):
@@ -146,7 +146,7 @@ class NormRule:
         if isinstance(side, str):
             return _refuse(cand, side)
         if cand.side_outputs:
-            flags.add("mean_invstd_reused")
+            flags.add(Flag.MEAN_INVSTD_REUSED)
         if double:
             # stash_type may only be float or bfloat16: a stash_type=11 node is not standard ONNX
             # (onnx.reference refuses it), and float32 statistics would not reproduce fp64 ones.
@@ -155,8 +155,8 @@ class NormRule:
                 "float64 statistics: the standard op computes them in float32 or bfloat16 only "
                 "(stash_type=11 is not ONNX), so a float64 norm is left as it is",
             )
-        if "fp16_square" in flags:
-            flags.add("fp16_overflow_prone")
+        if Flag.FP16_SQUARE in flags:
+            flags.add(Flag.FP16_OVERFLOW_PRONE)
         tdt_final = mg.dtype(ext.final)
         return NormParams(
             op=self.op,

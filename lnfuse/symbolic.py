@@ -65,6 +65,28 @@ _Q: Monomial = (("Q", 1.0),)
 _M2: Monomial = (("M", 2.0),)
 
 
+class Flag(str, Enum):
+    """How a match was written (``MatchRecord.flags``, ``--explain``); compares and hashes as its
+    string value, and prints as it."""
+
+    CAST = "cast"  # a Cast inside the match
+    ONE_PASS = "one_pass"  # variance as mean(x**2) - mean(x)**2
+    UNBIASED = "unbiased"  # variance / (N - 1)
+    REDUCE_SUM = "reduce_sum"  # ReduceSum (times 1/N) instead of ReduceMean
+    SQUEEZED = "squeezed"  # a keepdims=0 statistic, not yet unsqueezed (walk-internal)
+    FP16_SQUARE = "fp16_square"  # x**2 computed in a 16-bit type
+    FP16_OVERFLOW_PRONE = (
+        "fp16_overflow_prone"  # ... so the original may overflow where the fused op does not
+    )
+    SHARED_STATISTICS = "shared_statistics"  # one x_hat, several gammas
+    TRANSPOSED = "transposed"  # statistics over non-trailing axes: Transposes around the fused op
+    UNFLATTENED = "unflattened"  # a Flatten/Reshape sandwich undone (ONNX function bodies)
+    MEAN_INVSTD_REUSED = "mean_invstd_reused"  # Mean / InvStdDev served by the fused op's outputs
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
 class NormKind(str, Enum):
     """Which normalization a tensor computes: a layer norm (centred) or an RMS norm."""
 
@@ -275,7 +297,7 @@ def atomize(s: Sym, ctx: Context) -> tuple[float, str] | None:
         if es is None or es < 0:
             return None
         e_total = es
-    flags = frozenset(f for f in s.flags if f in ("one_pass", "unbiased_sum"))
+    flags = frozenset(f for f in s.flags if f == Flag.ONE_PASS)
     edef = EDef(kind=kind, eps=e_total / c, k=c, flags=flags)
     return c, ctx.atom_for(edef)
 
@@ -330,7 +352,7 @@ def reduce_mean(s: Sym) -> Sym | None:
             return None
         terms[new] = terms[new] + coef if new in terms else coef
     if pure_square:
-        flags.add("one_pass")
+        flags.add(Flag.ONE_PASS)
     return _clean(terms, frozenset(flags))
 
 

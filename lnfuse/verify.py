@@ -31,6 +31,7 @@ from lnfuse.matcher import Candidate
 from lnfuse.opset import min_ir_version
 from lnfuse.precision import FloatKind, narrowest, proof_tolerance
 from lnfuse.rules import NormParams, NormRule
+from lnfuse.symbolic import Flag
 
 TP = onnx.TensorProto
 
@@ -114,12 +115,12 @@ class Prover:
         sess_b = _session(fused)
         narrow = _narrowest(mg, nodes, in_dt, out_dt, params)
         rtol, atol, large_tol = proof_tolerance([narrow])
-        if "one_pass" in params.flags or "unbiased" in params.flags:
+        if Flag.ONE_PASS in params.flags or Flag.UNBIASED in params.flags:
             rtol, atol = rtol * 10, atol * 10
         rng = np.random.default_rng(1234)
         cases = [("normal", rng.normal(0.5, 1.0, size=shape))]
         big = 300.0 if narrow.bits <= FloatKind.FLOAT16.bits else 1000.0  # 16-bit inside: fp16's range
-        offset = 0.0 if "one_pass" in params.flags else 3.0 * big
+        offset = 0.0 if Flag.ONE_PASS in params.flags else 3.0 * big
         cases.append(("large-magnitude", rng.normal(offset, big, size=shape)))
         self.proofs_run += 1
         for label, data in cases:
@@ -195,7 +196,7 @@ def _tiny_shapes(mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormPa
 def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int]:
     source = params.extent.source
     exact = (
-        "unflattened" in params.flags
+        Flag.UNFLATTENED in params.flags
         or params.perm is not None
         or cand.rank is None
         or any(n.op == "Reshape" for n in cand.nodes)  # constant target shapes need the real dims
@@ -204,7 +205,7 @@ def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int
     if shape is not None and all(not isinstance(d, int) or d > 0 for d in shape):
         # Static dims as they are (constant and shape-derived targets need them), dynamic ones small.
         dims = [int(d) if isinstance(d, int) else (3 if i == 0 else 2) for i, d in enumerate(shape)]
-        norm_axes = range(-len(params.normalized_shape), 0) if "unflattened" in params.flags else cand.axes
+        norm_axes = range(-len(params.normalized_shape), 0) if Flag.UNFLATTENED in params.flags else cand.axes
         if params.perm is None and len(norm_axes) == len(params.normalized_shape) <= len(dims):
             for a, d in zip(norm_axes, params.normalized_shape, strict=False):
                 dims[a] = int(d)
@@ -212,7 +213,7 @@ def _tiny_shape(mg: ModelGraph, cand: Candidate, params: NormParams) -> list[int
             return dims
     consts = [mg.const_value(c) for c in cand.const_inputs]
     max_const_rank = max((v.ndim for v in consts if v is not None), default=0)
-    axes = tuple(range(-len(params.normalized_shape), 0)) if "unflattened" in params.flags else cand.axes
+    axes = tuple(range(-len(params.normalized_shape), 0)) if Flag.UNFLATTENED in params.flags else cand.axes
     if shape is not None:
         rank = len(shape)
     elif cand.rank is not None:

@@ -24,6 +24,7 @@ from lnfuse.graph import ModelGraph
 from lnfuse.pipeline import PassContext
 from lnfuse.protos import INFER_LIMIT, copy_fields, iter_nodes, serialized_below, tensor_nbytes
 from lnfuse.report import Group, Report
+from lnfuse.rules import MIN_OPSET
 
 MIN_SUPPORTED_OPSET = 7
 LAZY_ABOVE = 1 << 20  # lazy_external: weights over this many bytes stay on disk
@@ -165,24 +166,25 @@ def _optimize(
     report.nodes_before = report.nodes_after = mg.node_count()
     t_import = time.perf_counter()
 
-    # Which fused ops may be emitted at all (opset raising is decided up front).
+    from lnfuse.passes import DEFAULT_PASSES
+
+    ctx = PassContext(
+        report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose
+    )
+    active = [
+        p for p in (cls() for cls in (passes if passes is not None else DEFAULT_PASSES)) if p.enabled(ctx)
+    ]
+    # Which fused ops may be emitted at all (opset raising is decided up front, from the passes' gates).
     base = max(old or 0, target_opset or 0)
     emit_ok: dict[str, str | None] = {}
-    for op, need in (("LayerNormalization", 17), ("RMSNormalization", 23)):
-        if op == "RMSNormalization" and not rmsnorm:
-            continue
+    gates = (getattr(p, "emits", None) for p in active)
+    for op, need in dict(g for g in gates if g is not None).items():
         want = max(base, need)
         emit_ok[op] = None if (old is not None and old >= want) else opset_mod.plan(proto, want)
     if target_opset is not None and old is not None and target_opset > old:
         why = opset_mod.plan(proto, target_opset)
         if why is not None:
             raise InputError(f"{source}: cannot raise opset {old} -> {target_opset} exactly: {why}")
-
-    from lnfuse.passes import DEFAULT_PASSES
-
-    ctx = PassContext(
-        report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose
-    )
     ctx.emit_ok = emit_ok
     if verify:
         from lnfuse.verify import Prover
@@ -190,10 +192,7 @@ def _optimize(
         ctx.prover = Prover(old or 17)
     modified = False
     anchors = anchors_mod.snapshot(mg)
-    for pass_cls in passes if passes is not None else DEFAULT_PASSES:
-        p = pass_cls()
-        if not p.enabled(ctx):
-            continue
+    for p in active:
         report.passes.append(p.name)
         t_p = time.perf_counter()
         _mg, changed = p(mg, ctx)
@@ -204,9 +203,7 @@ def _optimize(
         report.proofs_run = ctx.prover.proofs_run  # type: ignore[attr-defined]
     for op, why in emit_ok.items():
         if why is not None and any(m.op == op for m in report.found_not_rewritten):
-            report.opset_note = (
-                f"{op} needs opset {17 if op == 'LayerNormalization' else 23}; not raised: {why}"
-            )
+            report.opset_note = f"{op} needs opset {MIN_OPSET[op]}; not raised: {why}"
     report.groups = _groups(report)
     t_match = time.perf_counter()
 
@@ -224,13 +221,7 @@ def _optimize(
         """The input as it was (re-read from its file when the export was built in it)."""
         return _load(model, lazy)[0] if consumed else proto
 
-    need = max(
-        [
-            17 if any(m.op == "LayerNormalization" for m in report.matches) else 0,
-            23 if any(m.op == "RMSNormalization" for m in report.matches) else 0,
-            target_opset or 0,
-        ]
-    )
+    need = max([MIN_OPSET.get(m.op, 0) for m in report.matches] + [target_opset or 0])
     if need and (old is None or old < need):
         why = opset_mod.raise_opset(out, need, frozenset(m.op for m in report.matches))
         if why is not None:  # plan() said yes; a disagreement here is a bug: stay safe

@@ -44,6 +44,9 @@ class PassContext:
 class Pass(Protocol):
     name: str
     description: str
+    # (op, opset it needs) when the pass emits a default-domain op the model may not have yet:
+    # optimize() decides up front whether that opset can be reached exactly.
+    emits: tuple[str, int] | None
 
     def enabled(self, ctx: PassContext) -> bool: ...
 
@@ -56,6 +59,10 @@ class NormPass:
     name = "norm"
     description = ""
     rule: NormRule
+
+    @property
+    def emits(self) -> tuple[str, int]:
+        return self.rule.op, self.rule.min_opset
 
     def enabled(self, ctx: PassContext) -> bool:
         return True

@@ -35,6 +35,12 @@ from lnfuse.matcher import Candidate, Refusal, Walker
 from lnfuse.symbolic import Flag, NormKind
 
 TP = onnx.TensorProto
+# The op each kind is fused into and the default-domain opset that op exists from.
+FUSED_OPS: dict[NormKind, tuple[str, int]] = {
+    NormKind.LN: ("LayerNormalization", 17),
+    NormKind.RMS: ("RMSNormalization", 23),
+}
+MIN_OPSET: dict[str, int] = dict(FUSED_OPS.values())
 SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
 
 
@@ -78,8 +84,7 @@ class NormRule:
 
     def __init__(self, kind: NormKind) -> None:
         self.kind = NormKind(kind)
-        self.op = "LayerNormalization" if self.kind is NormKind.LN else "RMSNormalization"
-        self.min_opset = 17 if self.kind is NormKind.LN else 23
+        self.op, self.min_opset = FUSED_OPS[self.kind]
 
     # -- pattern ------------------------------------------------------------------
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal | AnchorNote]:

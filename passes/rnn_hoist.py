@@ -100,6 +100,7 @@ class _Plan:
 class RnnHoistPass:
     name = "rnn-hoist"
     description = "unrolled LN-RNN: T x LN(x_t @ W) -> one LN(X @ W) over [T, B, H], sliced per step"
+    emits = None  # only regroups LayerNormalization ops the model already has
 
     def enabled(self, ctx: PassContext) -> bool:
         return ctx.hoist

@@ -670,13 +670,15 @@ def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
     for name, c in added.items():
         if name not in have:
             gp.initializer.append(c.to_proto())
-    defined = {t.name for n in g.nodes for t in n.outputs} | {i.name for i in gp.input} | have | set(added)
-    kept = [vi for vi in gp.value_info if vi.name in defined]
-    outputs = {o.name for o in gp.output}
-    known = {vi.name for vi in kept} | outputs
+    kept: list[onnx.ValueInfoProto] = []
+    if len(gp.value_info):
+        defined = {t.name for n in g.nodes for t in n.outputs} | {i.name for i in gp.input} | have | set(added)
+        kept = [vi for vi in gp.value_info if vi.name in defined]
+    known = {vi.name for vi in kept} | {o.name for o in gp.output}
     kept += [helper.make_tensor_value_info(t.name, t.dtype, None) for t in typed if t.name not in known]
-    del gp.value_info[:]
-    gp.value_info.extend(kept)
+    if len(gp.value_info) or kept:
+        del gp.value_info[:]
+        gp.value_info.extend(kept)
 
 
 def _drop_unused(g: ir.Graph, gp: onnx.GraphProto, keep: set[str]) -> None:
@@ -730,6 +732,8 @@ def _remove_dead_nodes(views: list[GraphView]) -> bool:
     for view in reversed(views):
         g = view.graph
         outs = {id(t) for t in g.outputs}
+        if not _has_sink(g.nodes, outs):
+            continue  # a dead region always ends in a node nothing reads
         dead: set[int] = set()
         for node in reversed(g.nodes):
             if node.outputs and not any(
@@ -750,6 +754,18 @@ def _remove_dead_nodes(views: list[GraphView]) -> bool:
                     t.inputs[:] = [p for p in t.inputs if p is not node]
         g.nodes = [n for n in g.nodes if id(n) not in dead]
     return changed
+
+
+def _has_sink(nodes: list[ir.Node], outs: set[int]) -> bool:
+    """Some node has outputs and none of them is read or a graph output."""
+    for node in nodes:
+        for t in node.outputs:
+            if t.outputs or id(t) in outs:
+                break
+        else:
+            if node.outputs:
+                return True
+    return False
 
 
 def _all_body_nodes(node: ir.Node) -> list[ir.Node]:

@@ -135,7 +135,44 @@ def _optimize(
     passes: tuple | None,
     lazy: bool = False,
 ) -> OptimizeResult:
-    t0 = time.perf_counter()
+    times = [time.perf_counter()]
+    proto, report = _load_checked(model, lazy, allow_invalid)
+    old = report.opset_before
+    times.append(time.perf_counter())
+    try:
+        mg = ModelGraph(proto)
+    except Exception as err:  # a graph too malformed to index
+        raise InputError(f"{report.source}: cannot import graph: {str(err).splitlines()[0][:200]}") from None
+    report.nodes_before = report.nodes_after = mg.node_count()
+    times.append(time.perf_counter())
+
+    from lnfuse.passes import DEFAULT_PASSES
+
+    ctx = PassContext(
+        report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose
+    )
+    active = [
+        p for p in (cls() for cls in (passes if passes is not None else DEFAULT_PASSES)) if p.enabled(ctx)
+    ]
+    ctx.emit_ok = _emit_plan(proto, report.source, old, target_opset, active)
+    if verify:
+        from lnfuse.verify import Prover
+
+        ctx.prover = Prover(old or 17)
+    modified = _run_passes(mg, ctx, active)
+    times.append(time.perf_counter())
+    if not modified and (target_opset is None or (old or 0) >= target_opset):
+        report.timings.update(_phases(times, ("load", "import_", "match")))
+        return OptimizeResult(model=proto, report=report, changed=False)
+    return _finish(model, lazy, proto, mg, report, target_opset, check_output, times)
+
+
+def _load_checked(
+    model: onnx.ModelProto | str | os.PathLike, lazy: bool, allow_invalid: bool
+) -> tuple[onnx.ModelProto, Report]:
+    """The model and a report started for it; InputError for a model lnfuse cannot work on."""
+    from lnfuse import io as lio
+
     proto, source = _load(model, lazy)
     report = Report(source=source)
     old = opset_mod.default_opset(proto)
@@ -146,8 +183,6 @@ def _optimize(
         )
     if not proto.HasField("graph"):
         raise InputError(f"{source}: model has no graph")
-    from lnfuse import io as lio
-
     # The checker also proves SSA and topological order; only when it fails (or is waived) does
     # the slower structural validation run, for its clearer message (cycle, duplicate name).
     problem = _light_check(proto)
@@ -157,24 +192,14 @@ def _optimize(
         raise InputError(
             f"{source}: the model fails onnx.checker: {problem} (pass --allow-invalid to optimize it anyway)"
         )
-    t_load = time.perf_counter()
+    return proto, report
 
-    try:
-        mg = ModelGraph(proto)
-    except Exception as err:  # onnx-graphsurgeon refuses some malformed graphs
-        raise InputError(f"{source}: cannot import graph: {str(err).splitlines()[0][:200]}") from None
-    report.nodes_before = report.nodes_after = mg.node_count()
-    t_import = time.perf_counter()
 
-    from lnfuse.passes import DEFAULT_PASSES
-
-    ctx = PassContext(
-        report=report, verify=verify, rmsnorm=rmsnorm, hoist=hoist, allow_transpose=allow_transpose
-    )
-    active = [
-        p for p in (cls() for cls in (passes if passes is not None else DEFAULT_PASSES)) if p.enabled(ctx)
-    ]
-    # Which fused ops may be emitted at all (opset raising is decided up front, from the passes' gates).
+def _emit_plan(
+    proto: onnx.ModelProto, source: str, old: int | None, target_opset: int | None, active: list
+) -> dict[str, str | None]:
+    """Per op the enabled passes may emit: None when the model has (or can exactly be raised to)
+    the opset it needs, else why not. Decided before anything is rewritten."""
     base = max(old or 0, target_opset or 0)
     emit_ok: dict[str, str | None] = {}
     gates = (getattr(p, "emits", None) for p in active)
@@ -185,11 +210,13 @@ def _optimize(
         why = opset_mod.plan(proto, target_opset)
         if why is not None:
             raise InputError(f"{source}: cannot raise opset {old} -> {target_opset} exactly: {why}")
-    ctx.emit_ok = emit_ok
-    if verify:
-        from lnfuse.verify import Prover
+    return emit_ok
 
-        ctx.prover = Prover(old or 17)
+
+def _run_passes(mg: ModelGraph, ctx: PassContext, active: list) -> bool:
+    """Run the passes in order; fill the report's pass list, timings, left-alone anchors, opset
+    note and recurrent groups. True if a pass changed the model."""
+    report = ctx.report
     modified = False
     anchors = anchors_mod.snapshot(mg)
     for p in active:
@@ -201,16 +228,26 @@ def _optimize(
     report.left_alone = anchors_mod.left_alone(anchors, report, ctx.anchor_notes)
     if ctx.prover is not None:
         report.proofs_run = ctx.prover.proofs_run  # type: ignore[attr-defined]
-    for op, why in emit_ok.items():
+    for op, why in ctx.emit_ok.items():
         if why is not None and any(m.op == op for m in report.found_not_rewritten):
             report.opset_note = f"{op} needs opset {MIN_OPSET[op]}; not raised: {why}"
     report.groups = _groups(report)
-    t_match = time.perf_counter()
+    return modified
 
-    if not modified and (target_opset is None or (old or 0) >= target_opset):
-        report.timings.update(load=t_load - t0, import_=t_import - t_load, match=t_match - t_import)
-        return OptimizeResult(model=proto, report=report, changed=False)
 
+def _finish(
+    model: onnx.ModelProto | str | os.PathLike,
+    lazy: bool,
+    proto: onnx.ModelProto,
+    mg: ModelGraph,
+    report: Report,
+    target_opset: int | None,
+    check_output: bool,
+    times: list[float],
+) -> OptimizeResult:
+    """Write the rewrites back, raise the opset, check the result (the input, unchanged, when
+    anything fails)."""
+    old = report.opset_before
     # A model this call loaded itself is nobody else's: its big weights move into the result
     # instead of being copied (see ModelGraph.export). A failure below re-reads the input.
     consume = not isinstance(model, onnx.ModelProto)
@@ -229,11 +266,8 @@ def _optimize(
             report.matches.clear()
             return OptimizeResult(model=original(), report=report, changed=False)
     report.opset_after = opset_mod.default_opset(out)
-    t_export = time.perf_counter()
-
+    times.append(time.perf_counter())
     if check_output:
-        from lnfuse import io as lio
-
         problem = _full_check(out)
         if problem is not None:
             before = original()
@@ -246,14 +280,14 @@ def _optimize(
                 return OptimizeResult(model=before, report=report, changed=False)
     report.nodes_after = sum(1 for _ in iter_nodes(out.graph))
     report.changed = True
-    report.timings.update(
-        load=t_load - t0,
-        import_=t_import - t_load,
-        match=t_match - t_import,
-        export=t_export - t_match,
-        check=time.perf_counter() - t_export,
-    )
+    times.append(time.perf_counter())
+    report.timings.update(_phases(times, ("load", "import_", "match", "export", "check")))
     return OptimizeResult(model=out, report=report, changed=True)
+
+
+def _phases(times: list[float], names: tuple[str, ...]) -> dict[str, float]:
+    """Durations between consecutive time stamps, by phase name."""
+    return {name: b - a for name, a, b in zip(names, times, times[1:], strict=False)}
 
 
 def _without_big_weights(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.ModelProto:

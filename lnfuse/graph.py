@@ -672,7 +672,9 @@ def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
             gp.initializer.append(c.to_proto())
     kept: list[onnx.ValueInfoProto] = []
     if len(gp.value_info):
-        defined = {t.name for n in g.nodes for t in n.outputs} | {i.name for i in gp.input} | have | set(added)
+        defined = (
+            {t.name for n in g.nodes for t in n.outputs} | {i.name for i in gp.input} | have | set(added)
+        )
         kept = [vi for vi in gp.value_info if vi.name in defined]
     known = {vi.name for vi in kept} | {o.name for o in gp.output}
     kept += [helper.make_tensor_value_info(t.name, t.dtype, None) for t in typed if t.name not in known]

@@ -746,67 +746,8 @@ class Walker:
                 continue
             if any(id(n) in claimed for n in cone):
                 continue
-            # The match must close: only the output may be seen from outside. The one exception
-            # (allowed later only for an ONNX function expansion, see rules.check) are tensors that
-            # are exactly the mean or 1/sqrt(var + eps): LayerNormalization's own optional outputs.
             cone_ids = {id(n) for n in cone}
-            side: dict[int, tuple[str, ir.Tensor]] = {}
-            side_nodes: list[ir.Node] = []
-            leak = ""
-            for n in list(cone):
-                for out in n.outputs:
-                    if out is t:
-                        continue
-                    outside = [c for c in out.outputs if id(c) not in cone_ids]
-                    is_output = mg.is_graph_output(out)
-                    if outside or is_output:
-                        kind = self._side_kind(values.get(id(out)), form, ctx)
-                        if kind:
-                            side[id(out)] = (kind, out)
-                            continue
-                    if is_output:
-                        leak = f"intermediate '{out.name}' is a graph output"
-                        break
-                    shape_readers = [self._shape_chain(c, cone_ids) for c in outside]
-                    if outside and all(chain is not None for chain in shape_readers):
-                        # Only its shape is read (Shape -> Gather -> ReduceProd -> Cast -> a count
-                        # the match divides by): that chain goes with the match.
-                        for chain in shape_readers:
-                            side_nodes.extend(n2 for n2 in chain if all(n2 is not k for k in side_nodes))  # type: ignore[union-attr]
-                        outside = []
-                    absorbed = []
-                    for c in outside:
-                        c_kind = self._side_kind(
-                            values.get(id(c.outputs[0])) if c.outputs else None, form, ctx
-                        )
-                        if (
-                            c_kind
-                            and len(c.outputs) == 1
-                            and all(
-                                id(i) in self._alias_ids
-                                or id(i) in values
-                                or self.mg.const_value(i) is not None
-                                for i in c.inputs
-                            )
-                        ):
-                            absorbed.append((c, c_kind))
-                    if len(absorbed) == len(outside):
-                        for c, c_kind in absorbed:
-                            side_nodes.append(c)
-                            side[id(c.outputs[0])] = (c_kind, c.outputs[0])
-                        outside = []
-                    if outside:
-                        leak = (
-                            f"intermediate '{out.name}' (from {n.op} '{n.name}') is also read by "
-                            f"{outside[0].op} '{outside[0].name}' outside the match"
-                        )
-                        break
-                    value = values.get(id(out))
-                    if value is not None and S.is_negated_centering(value):
-                        leak = f"centred value '{out.name}' is computed as mean - x, not x - mean"
-                        break
-                if leak:
-                    break
+            side, side_nodes, leak = self._closure(t, cone, cone_ids, form, values, ctx)
             if leak:
                 if not last_reason:
                     last_reason, last_nodes = leak, [node_label(n) for n in cone]
@@ -854,6 +795,76 @@ class Walker:
                 )
             )
         return result
+
+    def _closure(
+        self,
+        t: ir.Tensor,
+        cone: list[ir.Node],
+        cone_ids: set[int],
+        form: S.NormForm,
+        values: dict[int, S.Sym],
+        ctx: S.Context,
+    ) -> tuple[dict[int, tuple[str, ir.Tensor]], list[ir.Node], str]:
+        """(side outputs, side nodes, why not): the match must close, only its output ``t`` seen
+        from outside. The one exception (allowed later only for an ONNX function expansion, see
+        rules.check) are tensors that are exactly the mean or 1/sqrt(var + eps):
+        LayerNormalization's own optional outputs, and outside readers that only compute those or
+        only read a shape."""
+        mg = self.mg
+        side: dict[int, tuple[str, ir.Tensor]] = {}
+        side_nodes: list[ir.Node] = []
+        leak = ""
+        for n in list(cone):
+            for out in n.outputs:
+                if out is t:
+                    continue
+                outside = [c for c in out.outputs if id(c) not in cone_ids]
+                is_output = mg.is_graph_output(out)
+                if outside or is_output:
+                    kind = self._side_kind(values.get(id(out)), form, ctx)
+                    if kind:
+                        side[id(out)] = (kind, out)
+                        continue
+                if is_output:
+                    leak = f"intermediate '{out.name}' is a graph output"
+                    break
+                shape_readers = [self._shape_chain(c, cone_ids) for c in outside]
+                if outside and all(chain is not None for chain in shape_readers):
+                    # Only its shape is read (Shape -> Gather -> ReduceProd -> Cast -> a count
+                    # the match divides by): that chain goes with the match.
+                    for chain in shape_readers:
+                        side_nodes.extend(n2 for n2 in chain if all(n2 is not k for k in side_nodes))  # type: ignore[union-attr]
+                    outside = []
+                absorbed = []
+                for c in outside:
+                    c_kind = self._side_kind(values.get(id(c.outputs[0])) if c.outputs else None, form, ctx)
+                    if (
+                        c_kind
+                        and len(c.outputs) == 1
+                        and all(
+                            id(i) in self._alias_ids or id(i) in values or self.mg.const_value(i) is not None
+                            for i in c.inputs
+                        )
+                    ):
+                        absorbed.append((c, c_kind))
+                if len(absorbed) == len(outside):
+                    for c, c_kind in absorbed:
+                        side_nodes.append(c)
+                        side[id(c.outputs[0])] = (c_kind, c.outputs[0])
+                    outside = []
+                if outside:
+                    leak = (
+                        f"intermediate '{out.name}' (from {n.op} '{n.name}') is also read by "
+                        f"{outside[0].op} '{outside[0].name}' outside the match"
+                    )
+                    break
+                value = values.get(id(out))
+                if value is not None and S.is_negated_centering(value):
+                    leak = f"centred value '{out.name}' is computed as mean - x, not x - mean"
+                    break
+            if leak:
+                break
+        return side, side_nodes, leak
 
     def _shape_chain(self, reader: ir.Node, cone_ids: set[int]) -> list[ir.Node] | None:
         """``reader`` and the nodes after it when they only compute shape values that end in the

@@ -298,35 +298,10 @@ class Walker:
             for node in t.outputs:
                 if id(node) in done or node.op not in ALGEBRA_OPS or node.domain:
                     continue
-                inputs: list[S.Sym] = []
-                ready = True
-                squeezed = False
-                shape_args = node.op in _SHAPE_ARG_OPS
-                reads: tuple[ir.Tensor, ...] = ()  # constants in the cone of the node's output
-                for idx, inp in enumerate(node.inputs):
-                    sym = values.get(id(inp))
-                    if sym is None and idx and node.op == "Reshape":
-                        sym = S.Sym({})  # a target shape: read by the evaluator itself
-                    elif sym is None and node.op == "BatchNormalization" and idx in (1, 2):
-                        fill = V.scalar_fill(self.mg, inp)
-                        sym = None if fill is None else S.Sym.const(np.asarray(fill))
-                        if sym is None:
-                            ready = False
-                            break
-                    elif sym is None:
-                        sym = self._const(inp)
-                        if sym is None:
-                            ready = False
-                            break
-                        if not (idx and shape_args):
-                            reads += (inp,)
-                    else:
-                        reads += cone_consts.get(id(inp), ())
-                        if sym.flags and SQUEEZED in sym.flags:
-                            squeezed = True
-                    inputs.append(sym)
-                if not ready:
-                    continue
+                gathered = self._gather(node, values, cone_consts)
+                if gathered is None:
+                    continue  # an input is neither walked nor constant (yet)
+                inputs, reads, squeezed = gathered
                 layout, why_layout = self._input_layout(node, values)
                 if why_layout:
                     done.add(id(node))
@@ -379,6 +354,37 @@ class Walker:
                 a for a in aliases if any(id(n) in {id(m) for m in cand.nodes} for n in a.outputs[0].outputs)
             ]
         return res
+
+    def _gather(
+        self, node: ir.Node, values: dict[int, S.Sym], cone_consts: dict[int, tuple[ir.Tensor, ...]]
+    ) -> tuple[list[S.Sym], tuple[ir.Tensor, ...], bool] | None:
+        """(the input values of ``node``, the constants in the cone of its output, whether an input
+        is a keepdims=0 statistic), or None when an input has no value."""
+        inputs: list[S.Sym] = []
+        squeezed = False
+        shape_args = node.op in _SHAPE_ARG_OPS
+        reads: tuple[ir.Tensor, ...] = ()
+        for idx, inp in enumerate(node.inputs):
+            sym = values.get(id(inp))
+            if sym is None and idx and node.op == "Reshape":
+                sym = S.Sym({})  # a target shape: read by the evaluator itself
+            elif sym is None and node.op == "BatchNormalization" and idx in (1, 2):
+                fill = V.scalar_fill(self.mg, inp)
+                if fill is None:
+                    return None
+                sym = S.Sym.const(np.asarray(fill))
+            elif sym is None:
+                sym = self._const(inp)
+                if sym is None:
+                    return None
+                if not (idx and shape_args):
+                    reads += (inp,)
+            else:
+                reads += cone_consts.get(id(inp), ())
+                if sym.flags and SQUEEZED in sym.flags:
+                    squeezed = True
+            inputs.append(sym)
+        return inputs, reads, squeezed
 
     def _aliases(self, x: ir.Tensor) -> list[ir.Node]:
         """Other ``Cast`` nodes that cast x's source to x's type (x itself produced by a Cast)."""

@@ -302,25 +302,11 @@ class Walker:
                 if gathered is None:
                     continue  # an input is neither walked nor constant (yet)
                 inputs, reads, squeezed = gathered
-                layout, why_layout = self._input_layout(node, values)
-                if why_layout:
-                    done.add(id(node))
-                    failures.append((node, why_layout))
-                    continue
-                if (
-                    squeezed
-                    and node.op not in ("Unsqueeze", "Reshape", "BatchNormalization")
-                    and not all(
-                        SQUEEZED in i.flags or (i.is_const() and self._scalar_const(t))
-                        for i, t in zip(inputs, node.inputs, strict=False)
-                    )
-                ):
-                    # A keepdims=0 statistic may meet scalars (/ (N - 1), + eps) before it is
-                    # unsqueezed; meeting anything shaped like x would broadcast it wrongly.
-                    done.add(id(node))
-                    failures.append((node, "reduction with keepdims=0 no longer broadcasts per row"))
-                    continue
+                layout, why_not = self._admit(node, inputs, squeezed, values)
                 done.add(id(node))
+                if why_not:
+                    failures.append((node, why_not))
+                    continue
                 evals += 1
                 self._next_layout = layout
                 try:
@@ -354,6 +340,26 @@ class Walker:
                 a for a in aliases if any(id(n) in {id(m) for m in cand.nodes} for n in a.outputs[0].outputs)
             ]
         return res
+
+    def _admit(
+        self, node: ir.Node, inputs: list[S.Sym], squeezed: bool, values: dict[int, S.Sym]
+    ) -> tuple[V.View | None, str]:
+        """The layout ``node``'s walked inputs share (None: X's own), or why the walk stops there."""
+        layout, why = self._input_layout(node, values)
+        if why:
+            return None, why
+        if (
+            squeezed
+            and node.op not in ("Unsqueeze", "Reshape", "BatchNormalization")
+            and not all(
+                SQUEEZED in i.flags or (i.is_const() and self._scalar_const(t))
+                for i, t in zip(inputs, node.inputs, strict=False)
+            )
+        ):
+            # A keepdims=0 statistic may meet scalars (/ (N - 1), + eps) before it is
+            # unsqueezed; meeting anything shaped like x would broadcast it wrongly.
+            return None, "reduction with keepdims=0 no longer broadcasts per row"
+        return layout, ""
 
     def _gather(
         self, node: ir.Node, values: dict[int, S.Sym], cone_consts: dict[int, tuple[ir.Tensor, ...]]
@@ -783,24 +789,26 @@ class Walker:
                     result.candidates = group
         if not result.candidates and self._looks_like_ln(ctx, values, failures):
             # It computed a variance-like statistic but never became a normalization.
-            if not last_reason:
-                tail = [f"{node_label(n)}: {why}" for n, why in failures[:3]]
-                last_reason = (
-                    "; ".join(tail)
-                    if tail
-                    else "the statistics never combine into (x - mean) / sqrt(var + eps) * gamma + beta"
-                )
-                last_nodes = [node_label(n) for n, _ in failures[:3]]
-            view = mg.view_of(anchor)
-            result.refusals.append(
-                Refusal(
-                    reason=last_reason,
-                    nodes=last_nodes,
-                    anchor=node_label(anchor),
-                    graph=view.path if view else "main",
-                )
-            )
+            result.refusals.append(self._refusal(anchor, last_reason, last_nodes, failures))
         return result
+
+    def _refusal(
+        self, anchor: ir.Node, reason: str, nodes: list[str], failures: list[tuple[ir.Node, str]]
+    ) -> Refusal:
+        """The refusal of a walk that computed statistics but no norm: the first reason a complete
+        output failed for, else where the walk stopped."""
+        if not reason:
+            tail = [f"{node_label(n)}: {why}" for n, why in failures[:3]]
+            reason = (
+                "; ".join(tail)
+                if tail
+                else "the statistics never combine into (x - mean) / sqrt(var + eps) * gamma + beta"
+            )
+            nodes = [node_label(n) for n, _ in failures[:3]]
+        view = self.mg.view_of(anchor)
+        return Refusal(
+            reason=reason, nodes=nodes, anchor=node_label(anchor), graph=view.path if view else "main"
+        )
 
     def _closure(
         self,

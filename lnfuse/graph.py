@@ -31,10 +31,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lnfuse import ir, shapes
+from lnfuse import derive, ir, shapes
+from lnfuse.ir import FLOAT_TYPES, Dim, np_dtype, onnx_dtype  # noqa: F401  (re-exported)
 from lnfuse.protos import inferred_or_same, iter_graphs
-
-Dim = int | str | None
 
 _ELEMENTWISE_SAME_TYPE = frozenset(
     {
@@ -75,39 +74,11 @@ _FOLDABLE = frozenset(
 )
 
 
-_SAME_SHAPE_UNARY = frozenset(
-    {"Identity", "Cast", "Relu", "Neg", "Sigmoid", "Tanh", "Abs", "Sqrt", "Reciprocal", "Exp", "Erf"}
-)
-_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
-_LAYOUT_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze", "MatMul", "Gemm", "Split", "GlobalAveragePool"})
-
-
 def node_label(n: ir.Node) -> str:
     """A node's name, or ``Op(first output)`` for the unnamed nodes some exporters write."""
     if n.name:
         return n.name
     return f"{n.op}({n.outputs[0].name if n.outputs else ''})"
-
-
-def onnx_dtype(np_or_onnx: object) -> int | None:
-    """ONNX ``TensorProto`` element type for a numpy dtype (or pass an int through)."""
-    if np_or_onnx is None:
-        return None
-    if isinstance(np_or_onnx, int):
-        return np_or_onnx
-    try:
-        return int(helper.np_dtype_to_tensor_dtype(np.dtype(np_or_onnx)))
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
-def np_dtype(elem_type: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-
-
-FLOAT_TYPES = frozenset(
-    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-)
 
 
 @dataclass
@@ -234,95 +205,7 @@ class ModelGraph:
         return value
 
     def _fold(self, node: ir.Node, depth: int) -> np.ndarray | None:
-        """Value of a small node applied to constants: what exporters put around eps/gamma, and
-        the ``N`` of an unbiased variance computed from ``Shape`` (static dims only)."""
-        op = node.op
-        if op == "Gather" and _is_shape_gather(node):
-            value = self._fold_shape_gather(node, depth)
-            return value if value is not None else shapes.fold(self, node, depth)
-        if op in shapes.SHAPE_OPS:
-            return shapes.fold(self, node, depth)
-        return self._fold_rest(node, depth)
-
-    def _fold_shape_gather(self, node: ir.Node, depth: int) -> np.ndarray | None:
-        """Gather(Shape(t), i): needs only the gathered dims to be static."""
-        idx = self.const_value(node.inputs[1], depth + 1)
-        shape = self.shape(node.inputs[0].inputs[0].inputs[0])
-        if idx is None or shape is None or int(node.attrs.get("axis", 0)) != 0:
-            return None
-        try:
-            picked = np.asarray(shape, dtype=object)[idx.astype(np.int64)]
-        except (IndexError, ValueError):
-            return None
-        flat = list(np.asarray(picked, dtype=object).reshape(-1))
-        if not all(isinstance(d, (int, np.integer)) for d in flat):
-            return None
-        return np.asarray(np.asarray(picked, dtype=object).astype(np.int64))
-
-    def _fold_rest(self, node: ir.Node, depth: int) -> np.ndarray | None:
-        op = node.op
-        if op in ("Add", "Sub", "Mul", "Div"):
-            if len(node.inputs) != 2:
-                return None
-            a = self.const_value(node.inputs[0], depth + 1)
-            b = self.const_value(node.inputs[1], depth + 1)
-            if a is None or b is None or a.size > 4096 or b.size > 4096 or a.dtype != b.dtype:
-                return None
-            with np.errstate(all="ignore"):
-                if op == "Div":
-                    if a.dtype.kind in "iu":
-                        return None  # integer division semantics differ; not needed here
-                    return np.divide(a, b)
-                return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b)
-        src = self.const_value(node.inputs[0], depth + 1)
-        if src is None or src.size > 1 << 22:
-            return None
-        try:
-            if op == "Identity":
-                return src
-            if op == "CastLike" and len(node.inputs) == 2:
-                to = self.dtype(node.inputs[1])
-                ok = to in FLOAT_TYPES and to != onnx.TensorProto.BFLOAT16 and src.dtype.kind in "fiu"
-                return src.astype(np_dtype(to)) if ok else None  # type: ignore[arg-type]
-            if op == "Neg":
-                return None if src.dtype.kind not in "if" else np.negative(src)
-            if op == "Cast":
-                to = int(node.attrs.get("to", 0))
-                if to not in FLOAT_TYPES or to == onnx.TensorProto.BFLOAT16 or src.dtype.kind not in "fiu":
-                    return None
-                return src.astype(np_dtype(to))
-            if op == "Flatten":
-                axis = int(node.attrs.get("axis", 1))
-                axis = axis + src.ndim if axis < 0 else axis
-                outer = int(np.prod(src.shape[:axis])) if axis > 0 else 1
-                return src.reshape(outer, -1)
-            if op == "Reshape" and len(node.inputs) > 1:
-                shape = self.const_value(node.inputs[1], depth + 1)
-                if shape is None or int(node.attrs.get("allowzero", 0)):
-                    return None
-                dims = [int(d) for d in shape.reshape(-1)]
-                dims = [src.shape[i] if d == 0 else d for i, d in enumerate(dims)]
-                return src.reshape(dims)
-            if op == "ReduceProd":
-                if len(node.inputs) > 1 or ("axes" in node.attrs and src.ndim != 1):
-                    return None
-                out = np.asarray(np.prod(src), dtype=src.dtype)
-                return out if not int(node.attrs.get("keepdims", 1)) else out.reshape((1,) * src.ndim)
-            if op in ("Unsqueeze", "Squeeze"):
-                if len(node.inputs) > 1:
-                    axes_v = self.const_value(node.inputs[1], depth + 1)
-                    axes = None if axes_v is None else [int(a) for a in axes_v.reshape(-1)]
-                else:
-                    axes = [int(a) for a in node.attrs.get("axes", [])] or None
-                if op == "Unsqueeze":
-                    if not axes:
-                        return None
-                    out_rank = src.ndim + len(axes)
-                    return np.expand_dims(src, tuple(a + out_rank if a < 0 else a for a in axes))
-                return np.squeeze(src, axis=None if axes is None else tuple(axes))
-        except (ValueError, TypeError):
-            return None
-        return None
+        return derive.fold(self, node, depth)
 
     def const_shape(self, tensor: ir.Tensor) -> tuple[int, ...] | None:
         """Shape of a constant without loading its data (None if ``tensor`` is not constant)."""
@@ -396,86 +279,8 @@ class ModelGraph:
         key = id(tensor)
         if key not in self._derived:
             self._derived[key] = None  # (a cycle guard while it is worked out)
-            self._derived[key] = self._derived_shape(tensor)
+            self._derived[key] = derive.derived_shape(self, tensor)
         return self._derived[key]
-
-    def _derived_shape(self, tensor: ir.Tensor) -> tuple[Dim, ...] | None:
-        """What shape inference could not say, from the producer: a Reshape's (shape-derived)
-        target, a same-shape unary op's input, or the broadcast of an elementwise op's inputs."""
-        p = self.producer(tensor)
-        if p is None or p.domain or not p.inputs:
-            return None
-        if p.op == "Reshape" and len(p.inputs) > 1:
-            target = shapes.reshape_target(self, p)
-            if target is not None:
-                return tuple(shapes.as_int(m) for m in target)
-            length = self.shape(p.inputs[1])  # at least the rank: the target's own length
-            return (None,) * length[0] if length and len(length) == 1 and isinstance(length[0], int) else None
-        if p.op in _SAME_SHAPE_UNARY:
-            return self.shape(p.inputs[0])
-        if p.op in _LAYOUT_OPS:
-            return self._layout_shape(p, tensor)
-        if p.op not in _BROADCASTING:
-            return None
-        parts = [self.shape(t) for t in p.inputs]
-        if any(q is None for q in parts):
-            return None
-        rank = max(len(q) for q in parts)  # type: ignore[arg-type]
-        out: list[Dim] = []
-        for pos in range(rank, 0, -1):
-            sizes = {q[-pos] for q in parts if len(q) >= pos}  # type: ignore[index, arg-type]
-            out.append(_broadcast_dim(sizes))
-        return tuple(out)
-
-    def _layout_shape(self, p: ir.Node, tensor: ir.Tensor) -> tuple[Dim, ...] | None:
-        """Output shape of Transpose / Squeeze / Unsqueeze / MatMul / Gemm / Split from its input's."""
-        src = self.shape(p.inputs[0])
-        if src is None:
-            return None
-        r = len(src)
-        if p.op == "GlobalAveragePool":
-            return (*src[:2], *([1] * (r - 2))) if r >= 3 else None
-        if p.op == "Transpose":
-            perm = p.attrs.get("perm") or list(range(r))[::-1]
-            return tuple(src[int(i)] for i in perm) if len(perm) == r else None
-        if p.op in ("MatMul", "Gemm"):
-            w = self.shape(p.inputs[1])
-            if w is None or r < 1 or len(w) < 1 or (p.op == "Gemm" and (r != 2 or len(w) != 2)):
-                return None
-            if p.op == "Gemm":
-                rows = src[1] if p.attrs.get("transA", 0) else src[0]
-                return (rows, w[0] if p.attrs.get("transB", 0) else w[1])
-            return (*src[:-1], w[-1]) if r >= 2 and len(w) == 2 else None
-        axes = self._int_list(p, "axes" if p.op != "Split" else "split")
-        if p.op == "Squeeze":
-            if axes is None:
-                return None
-            drop = {a + r if a < 0 else a for a in axes}
-            return tuple(d for i, d in enumerate(src) if i not in drop)
-        if p.op == "Unsqueeze":
-            if axes is None:
-                return None
-            n = r + len(axes)
-            put = {a + n if a < 0 else a for a in axes}
-            it = iter(src)
-            return tuple(1 if i in put else next(it) for i in range(n))
-        axis = int(p.attrs.get("axis", 0))  # Split
-        axis = axis + r if axis < 0 else axis
-        k = next((i for i, o in enumerate(p.outputs) if o is tensor), None)
-        if k is None or not 0 <= axis < r:
-            return None
-        size: Dim = axes[k] if axes is not None and k < len(axes) else None
-        if axes is None and isinstance(src[axis], int) and src[axis] % len(p.outputs) == 0:
-            size = src[axis] // len(p.outputs)
-        return (*src[:axis], size, *src[axis + 1 :])
-
-    def _int_list(self, node: ir.Node, attr: str) -> list[int] | None:
-        """A list-of-ints argument given as an attribute (old opsets) or a constant second input."""
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            v = self.const_value(node.inputs[1])
-            return None if v is None else [int(a) for a in v.reshape(-1)]
-        value = node.attrs.get(attr)
-        return None if value is None else [int(a) for a in value]
 
     def shape_table(self) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
         """Name -> (elem_type, dims) from ONNX shape inference, computed at most once."""
@@ -694,18 +499,6 @@ def _drop_unused(g: ir.Graph, gp: onnx.GraphProto, keep: set[str]) -> None:
         del inits[i]  # one at a time: the others (big weights among them) are never copied
 
 
-def _broadcast_dim(sizes: set[Dim]) -> Dim:
-    """One broadcast dim: a static size > 1 wins over 1 and unknown (the others must be 1 or it);
-    a symbolic size only when every input is known; 1 when all are 1."""
-    ints = {d for d in sizes if isinstance(d, int) and d != 1}
-    if ints:
-        return ints.pop() if len(ints) == 1 else None
-    if None in sizes:
-        return None
-    named = sizes - {1}
-    return 1 if not named else named.pop() if len(named) == 1 else None
-
-
 def _loop_invariants(loop: ir.Node, body: ir.Graph) -> dict[int, ir.Tensor]:
     """Loop-carried states the body returns unchanged (output ``i - 1`` is input ``i``, through
     Identity nodes), each mapped to the Loop's initial value for it."""
@@ -720,11 +513,6 @@ def _loop_invariants(loop: ir.Node, body: ir.Graph) -> dict[int, ir.Tensor]:
         if t is body.inputs[i] and loop.inputs[i].name:
             out[id(body.inputs[i])] = loop.inputs[i]
     return out
-
-
-def _is_shape_gather(node: ir.Node) -> bool:
-    src = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
-    return src is not None and src.op == "Shape"
 
 
 def _remove_dead_nodes(views: list[GraphView]) -> bool:

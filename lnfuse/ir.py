@@ -39,6 +39,14 @@ _RAW_DTYPES: dict[int, np.dtype] = {
     TP.BOOL: np.dtype("?"),
 }
 _GRAPH_ATTRS = (AP.GRAPH, AP.GRAPHS)
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+FLOAT_TYPES = frozenset({TP.FLOAT, TP.FLOAT16, TP.DOUBLE, TP.BFLOAT16})
+
 _CONTROL_FLOW = frozenset({"Loop", "Scan", "If"})
 
 
@@ -52,6 +60,9 @@ def elem_type(dtype: object) -> int | None:
         return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))  # type: ignore[arg-type]
     except (TypeError, KeyError, ValueError):
         return None
+
+
+onnx_dtype = elem_type  # the name the rest of lnfuse uses
 
 
 class Tensor:

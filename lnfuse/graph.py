@@ -599,15 +599,7 @@ def _value_info_entry(vi: onnx.ValueInfoProto) -> tuple[int, tuple[Dim, ...] | N
     tt = vi.type.tensor_type
     if not tt.HasField("shape"):
         return tt.elem_type, None
-    dims: list[Dim] = []
-    for d in tt.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return tt.elem_type, tuple(dims)
+    return tt.elem_type, tuple(ir.shape_dims(tt.shape))
 
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:

@@ -385,15 +385,20 @@ def _annotate(t: Tensor, vi: onnx.ValueInfoProto) -> None:
     tt = vi.type.tensor_type
     t.dtype = int(tt.elem_type) or t.dtype
     if tt.HasField("shape"):
-        dims: list[Dim] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param:
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        t.shape = dims
+        t.shape = shape_dims(tt.shape)
+
+
+def shape_dims(shape: onnx.TensorShapeProto) -> list[Dim]:
+    """Dims of a TensorShapeProto: ints, symbolic names, or None where unknown."""
+    dims: list[Dim] = []
+    for d in shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
 
 
 def resolve(model: onnx.ModelProto, locator: tuple[tuple[int, int, int], ...]) -> onnx.GraphProto:

@@ -1,7 +1,7 @@
 """The graph layer: an index over the ModelProto itself, rewritten in place.
 
 A :class:`ModelGraph` builds lnfuse's own node / tensor objects (:mod:`lnfuse.ir`) over a
-``ModelProto`` once (each node keeps its NodeProto; no tensor data is copied) and keeps, for
+``ModelProto`` once (each node knows its NodeProto by index; no tensor data is copied) and keeps, for
 the main graph and every subgraph (Loop / Scan / If bodies, nested):
 
 * an op-type index (``nodes_by_op``) snapshotted at import, the anchors passes walk;

@@ -1,7 +1,8 @@
 """lnfuse's graph objects: nodes and tensors over a ModelProto, with producer / consumer links.
 
 :func:`import_model` builds them in one sweep over the protobuf, without copying any tensor
-data: each imported :class:`Node` keeps its ``NodeProto`` (and its index in its graph), each
+data: each imported :class:`Node` keeps its index in its GraphProto (its NodeProto is looked up
+when needed), each
 initializer becomes a :class:`Constant` that reads its ``TensorProto`` only when asked. A
 tensor's ``inputs`` is the list of its producers (zero or one node), its ``outputs`` the list
 of its consumers, nodes of subgraphs that read it from an outer scope included. Attributes are
@@ -123,11 +124,6 @@ class Constant(Tensor):
             return self._values
         assert self.proto is not None
         return proto_array(self.proto)
-
-    @property
-    def nbytes(self) -> int:
-        size = np.dtype(helper.tensor_dtype_to_np_dtype(self.dtype)).itemsize if self.dtype else 1
-        return math.prod(self.shape) * size
 
     def to_proto(self) -> onnx.TensorProto:
         if self.proto is not None:

@@ -41,7 +41,6 @@ FUSED_OPS: dict[NormKind, tuple[str, int]] = {
     NormKind.RMS: ("RMSNormalization", 23),
 }
 MIN_OPSET: dict[str, int] = dict(FUSED_OPS.values())
-SIXTEEN_BIT = (TP.FLOAT16, TP.BFLOAT16)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ building the index never modifies the caller's model.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,25 +29,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "models").rglob("*.onnx"))
 
 
-def _gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    stack = [graph]
-    while stack:
-        g = stack.pop(0)
-        yield g
-        for node in g.nodes:
-            for value in node.attrs.values():
-                stack += [
-                    s for s in (value if isinstance(value, list) else [value]) if isinstance(s, gs.Graph)
-                ]
+def _gs_bodies(node: gs.Node) -> list[gs.Graph]:
+    out: list[gs.Graph] = []
+    for value in node.attrs.values():
+        out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, gs.Graph)]
+    return out
 
 
-def _ir_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    stack = [graph]
-    while stack:
-        g = stack.pop(0)
+def _ir_bodies(node: ir.Node) -> list[ir.Graph]:
+    return [b for _, b in ir.bodies(node)]
+
+
+def _graphs(graph: object, bodies: Callable[[object], list]) -> Iterator:
+    """``graph`` and every body below it, breadth first."""
+    queue = [graph]
+    while queue:
+        g = queue.pop(0)
         yield g
-        for node in g.nodes:
-            stack += [b for _, b in ir.bodies(node)]
+        for node in g.nodes:  # type: ignore[attr-defined]
+            queue += bodies(node)
 
 
 def _dtype(t: object) -> int | None:
@@ -102,8 +102,8 @@ def _describe(graphs: Iterator, is_const: type) -> list:
 
 
 def _assert_same_as_graphsurgeon(model: onnx.ModelProto) -> None:
-    theirs = _describe(_gs_graphs(gs.import_onnx(model)), gs.Constant)
-    ours = _describe(_ir_graphs(ir.import_model(model)), ir.Constant)
+    theirs = _describe(_graphs(gs.import_onnx(model), _gs_bodies), gs.Constant)
+    ours = _describe(_graphs(ir.import_model(model), _ir_bodies), ir.Constant)
     assert ours == theirs
 
 

@@ -68,44 +68,61 @@ class NormPass:
         return True
 
     def __call__(self, mg: ModelGraph, ctx: PassContext) -> PassResult:
-        rule = self.rule
-        candidates: list[Candidate] = []
-        for item in rule.pattern(mg):
+        # Phase 1: check and prove each candidate as the walk finds it, while the graph is still
+        # untouched (a group of candidates shares nodes; rewriting one first would break the
+        # others' proofs). Only the accepted ones are kept, so memory does not hold every
+        # candidate of a large model at once. Check and proof refusals are reported after the
+        # walk's own, in candidate order.
+        accepted: list[tuple[Candidate, NormParams, MatchRecord]] = []
+        refused: list[RefusalRecord] = []
+        failed_groups: set[int] = set()
+        for item in self.rule.pattern(mg):
             if isinstance(item, Refusal):
                 ctx.report.refusals.append(_refusal(item, self.name))
             elif isinstance(item, AnchorNote):
                 ctx.anchor_notes.setdefault(item.anchor, item.reason)
             else:
-                candidates.append(item)
-        blocked = ctx.emit_ok.get(rule.op)
-        # Phase 1: check and prove every candidate while the graph is still untouched (a group of
-        # candidates shares nodes; rewriting one first would break the others' proofs).
-        accepted: list[tuple[Candidate, NormParams, MatchRecord]] = []
-        failed_groups: set[int] = set()
-        for cand in candidates:
-            params = rule.check(mg, cand, allow_transpose=ctx.allow_transpose)
-            if isinstance(params, Refusal):
-                ctx.report.refusals.append(_refusal(params, self.name))
-                if cand.group is not None:
-                    failed_groups.add(cand.group)
-                continue
-            record = _record(mg, rule, cand, params)
-            if blocked is not None:
-                ctx.report.found_not_rewritten.append(record)
-                continue
-            if ctx.verify and ctx.prover is not None:
-                why = ctx.prover.prove(mg, rule, cand, params)  # type: ignore[attr-defined]
-                if why is not None:
-                    ctx.report.refusals.append(
-                        RefusalRecord(
-                            why, record.nodes, node_label(cand.nodes[-1]), cand.view.path, self.name
-                        )
-                    )
-                    if cand.group is not None:
-                        failed_groups.add(cand.group)
-                    continue
-            accepted.append((cand, params, record))
+                kept = self._try_candidate(mg, ctx, item)
+                if isinstance(kept, RefusalRecord):
+                    refused.append(kept)
+                    if item.group is not None:
+                        failed_groups.add(item.group)
+                elif kept is not None:
+                    accepted.append(kept)
+        ctx.report.refusals.extend(refused)
         # Phase 2: rewrite (a group all together, or not at all).
+        modified = self._rewrite_all(mg, ctx, accepted, failed_groups)
+        if modified:
+            mg.commit()
+        return PassResult(mg, modified)
+
+    def _try_candidate(
+        self, mg: ModelGraph, ctx: PassContext, cand: Candidate
+    ) -> tuple[Candidate, NormParams, MatchRecord] | RefusalRecord | None:
+        """The plan for one candidate, its refusal (check or proof), or None when the op may not
+        be emitted (reported as found, not rewritten)."""
+        rule = self.rule
+        params = rule.check(mg, cand, allow_transpose=ctx.allow_transpose)
+        if isinstance(params, Refusal):
+            return _refusal(params, self.name)
+        record = _record(mg, rule, cand, params)
+        if ctx.emit_ok.get(rule.op) is not None:
+            ctx.report.found_not_rewritten.append(record)
+            return None
+        if ctx.verify and ctx.prover is not None:
+            why = ctx.prover.prove(mg, rule, cand, params)  # type: ignore[attr-defined]
+            if why is not None:
+                return RefusalRecord(why, record.nodes, node_label(cand.nodes[-1]), cand.view.path, self.name)
+        return cand, params, record
+
+    def _rewrite_all(
+        self,
+        mg: ModelGraph,
+        ctx: PassContext,
+        accepted: list[tuple[Candidate, NormParams, MatchRecord]],
+        failed_groups: set[int],
+    ) -> bool:
+        """Schedule every accepted rewrite (a group whose member was refused is refused whole)."""
         modified = False
         removed: list[str] = []
         for cand, params, record in accepted:
@@ -120,7 +137,7 @@ class NormPass:
                     )
                 )
                 continue
-            rule.rewrite(mg, cand, params)
+            self.rule.rewrite(mg, cand, params)
             removed += [
                 f"{f.split('_')[0]} at '{record.output}'" for f in record.flags if f in _ROUNDING_FLAGS
             ]
@@ -133,9 +150,7 @@ class NormPass:
             modified = True
         if removed:
             ctx.report.warnings.append(_rounding_warning(removed))
-        if modified:
-            mg.commit()
-        return PassResult(mg, modified)
+        return modified
 
 
 _ROUNDING_FLAGS = frozenset(r.value for r in Rounding)

@@ -6,7 +6,7 @@ never changes either, and returns its part of the decision or the reason for a r
 * :func:`types` - float input and output, not bfloat16;
 * :func:`normalized_shape` - the normalized dims, from the input's shape and every constant's
   broadcast;
-* :func:`variance_flag` - the variance is a mean (or an unbiased estimate, for layer norms);
+* :func:`variance_flags` - the variance is a mean (or an unbiased estimate, for layer norms);
 * :func:`layout` - trailing axes, or a transpose into place;
 * :func:`extent` - what the fused op reads and writes: x itself, the tensor before a 16-bit Cast
   island, or the original tensor around a Flatten/Reshape sandwich (ONNX function bodies);
@@ -127,13 +127,14 @@ def _broadcast_into(
     return None
 
 
-def variance_flag(kind: NormKind, cand: Candidate, n: int) -> str | tuple[str] | None:
-    """``None`` for a mean, ``(Flag.UNBIASED,)`` for N / (N - 1) (layer norms), else the reason."""
+def variance_flags(kind: NormKind, cand: Candidate, n: int) -> frozenset[Flag] | str:
+    """The flags the variance adds (none for a mean, ``UNBIASED`` for N / (N - 1) in a layer
+    norm), or the reason it is neither."""
     k = cand.form.edef.k
     if abs(k - 1.0) <= 1e-6:
-        return None
+        return frozenset()
     if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and kind is NormKind.LN:
-        return (Flag.UNBIASED,)
+        return frozenset({Flag.UNBIASED})
     if Flag.REDUCE_SUM in cand.flags:
         return f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)"
     return f"variance is scaled by {k:.6g}: neither a mean nor an unbiased estimate"

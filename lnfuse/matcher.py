@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,6 +90,14 @@ class Refusal:
     nodes: list[str]
     anchor: str
     graph: str = "main"
+
+
+class _Step(NamedTuple):
+    """What one node of the walk came to."""
+
+    evaluated: bool  # admitted and evaluated (counts against MAX_EVAL)
+    why: str  # why the walk stops at it ("" when it does not, or says nothing)
+    walked: bool  # its output has a value: the walk goes on from there
 
 
 @dataclass
@@ -298,36 +307,16 @@ class Walker:
             for node in t.outputs:
                 if id(node) in done or node.op not in ALGEBRA_OPS or node.domain:
                     continue
-                gathered = self._gather(node, values, cone_consts)
-                if gathered is None:
+                step = self._step(node, values, cone_consts, axes, rank, ctx)
+                if step is None:
                     continue  # an input is neither walked nor constant (yet)
-                inputs, reads, squeezed = gathered
-                layout, why_not = self._admit(node, inputs, squeezed, values)
                 done.add(id(node))
-                if why_not:
-                    failures.append((node, why_not))
-                    continue
-                evals += 1
-                self._next_layout = layout
-                try:
-                    result, why = self._eval(node, inputs, axes, rank, ctx)
-                except (ValueError, ZeroDivisionError, OverflowError, FloatingPointError) as err:
-                    result, why = None, f"cannot evaluate: {err}"
-                if result is None:
-                    if why:
-                        failures.append((node, why))
-                    continue
-                if not result.terms:
-                    # Exactly zero in real arithmetic (e.g. the mean of an already centred
-                    # value) is rounding noise in floating point: never build on it.
-                    continue
-                out_t = node.outputs[0]
-                values[id(out_t)] = result
-                if self._next_layout is not None:
-                    self._layout[id(out_t)] = self._next_layout
-                cone_consts[id(out_t)] = reads
-                order.append(out_t)
-                queue.append(out_t)
+                evals += step.evaluated
+                if step.why:
+                    failures.append((node, step.why))
+                if step.walked:
+                    order.append(node.outputs[0])
+                    queue.append(node.outputs[0])
         res = self._select(x, axes, rank, anchor, ctx, values, order, failures)
         if not res.candidates and not res.refusals:
             res.note = (
@@ -340,6 +329,42 @@ class Walker:
                 a for a in aliases if any(id(n) in {id(m) for m in cand.nodes} for n in a.outputs[0].outputs)
             ]
         return res
+
+    def _step(
+        self,
+        node: ir.Node,
+        values: dict[int, S.Sym],
+        cone_consts: dict[int, tuple[ir.Tensor, ...]],
+        axes: tuple[int, ...],
+        rank: int | None,
+        ctx: S.Context,
+    ) -> _Step | None:
+        """Evaluate one node of the walk, recording its output's value; None when an input has
+        no value yet (the node is tried again when one arrives)."""
+        gathered = self._gather(node, values, cone_consts)
+        if gathered is None:
+            return None
+        inputs, reads, squeezed = gathered
+        layout, why_not = self._admit(node, inputs, squeezed, values)
+        if why_not:
+            return _Step(False, why_not, False)
+        self._next_layout = layout
+        try:
+            result, why = self._eval(node, inputs, axes, rank, ctx)
+        except (ValueError, ZeroDivisionError, OverflowError, FloatingPointError) as err:
+            result, why = None, f"cannot evaluate: {err}"
+        if result is None:
+            return _Step(True, why, False)
+        if not result.terms:
+            # Exactly zero in real arithmetic (e.g. the mean of an already centred value) is
+            # rounding noise in floating point: never build on it.
+            return _Step(True, "", False)
+        out_t = node.outputs[0]
+        values[id(out_t)] = result
+        if self._next_layout is not None:
+            self._layout[id(out_t)] = self._next_layout
+        cone_consts[id(out_t)] = reads
+        return _Step(True, "", True)
 
     def _admit(
         self, node: ir.Node, inputs: list[S.Sym], squeezed: bool, values: dict[int, S.Sym]
@@ -717,7 +742,6 @@ class Walker:
         order: list[ir.Tensor],
         failures: list[tuple[ir.Node, str]],
     ) -> WalkResult:
-        mg = self.mg
         result = WalkResult()
         claimed: set[int] = set()
         # Complete norms, deepest first; each one's NormForm is worked out only when needed
@@ -747,36 +771,17 @@ class Walker:
             if t.inputs and id(t.inputs[0]) in claimed:
                 continue  # inside a match already taken
             form = form_of(t)
-            if form is None:
+            if form is None or (first_pure is not None and not self._pure(form, t)):
                 continue
-            if first_pure is not None and not self._pure(form, t):
-                continue
-            cone, consts, why = self._cone(x, t, values)
-            if why:
+            taken = self._take(x, axes, rank, t, form, values, ctx, claimed)
+            if isinstance(taken, Candidate):
+                claimed |= {id(n) for n in (*taken.nodes, *taken.side_nodes)}
+                result.candidates.append(taken)
+            elif taken is not None:
+                why, cone, leaked = taken
                 if not last_reason:
                     last_reason, last_nodes = why, [node_label(n) for n in cone]
-                continue
-            if any(id(n) in claimed for n in cone):
-                continue
-            cone_ids = {id(n) for n in cone}
-            side, side_nodes, leak = self._closure(t, cone, cone_ids, form, values, ctx)
-            if leak:
-                if not last_reason:
-                    last_reason, last_nodes = leak, [node_label(n) for n in cone]
-                leaked_before_first = leaked_before_first or not result.candidates
-                continue
-            views = {id(mg.view_of(n)) for n in cone}
-            if len(views) != 1:
-                if not last_reason:
-                    last_reason, last_nodes = "match spans a subgraph boundary", [node_label(n) for n in cone]
-                continue
-            view = mg.view_of(cone[-1])
-            assert view is not None
-            claimed |= cone_ids | {id(n) for n in side_nodes}
-            cand = _candidate(view, x, axes, rank, t, cone, form, values, consts)
-            cand.side_outputs = list(side.values())
-            cand.side_nodes = side_nodes
-            result.candidates.append(cand)
+                leaked_before_first = leaked_before_first or (leaked and not result.candidates)
         if not result.candidates or leaked_before_first:
             complete = [(t, f) for t in reversed(seq) if (f := form_of(t)) is not None]
             if len(complete) >= 2:
@@ -791,6 +796,38 @@ class Walker:
             # It computed a variance-like statistic but never became a normalization.
             result.refusals.append(self._refusal(anchor, last_reason, last_nodes, failures))
         return result
+
+    def _take(
+        self,
+        x: ir.Tensor,
+        axes: tuple[int, ...],
+        rank: int | None,
+        t: ir.Tensor,
+        form: S.NormForm,
+        values: dict[int, S.Sym],
+        ctx: S.Context,
+        claimed: set[int],
+    ) -> Candidate | tuple[str, list[ir.Node], bool] | None:
+        """The candidate ending at ``t``; else (why not, its nodes, whether the match leaked out),
+        or None when it overlaps a match already taken."""
+        cone, consts, why = self._cone(x, t, values)
+        if why:
+            return why, cone, False
+        if any(id(n) in claimed for n in cone):
+            return None
+        cone_ids = {id(n) for n in cone}
+        side, side_nodes, leak = self._closure(t, cone, cone_ids, form, values, ctx)
+        if leak:
+            return leak, cone, True
+        mg = self.mg
+        if len({id(mg.view_of(n)) for n in cone}) != 1:
+            return "match spans a subgraph boundary", cone, False
+        view = mg.view_of(cone[-1])
+        assert view is not None
+        cand = _candidate(view, x, axes, rank, t, cone, form, values, consts)
+        cand.side_outputs = list(side.values())
+        cand.side_nodes = side_nodes
+        return cand
 
     def _refusal(
         self, anchor: ir.Node, reason: str, nodes: list[str], failures: list[tuple[ir.Node, str]]

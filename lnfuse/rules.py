@@ -122,10 +122,10 @@ class NormRule:
             return _refuse(cand, dims)
         norm_shape, rank = dims
         flags = set(cand.flags)
-        variance = C.variance_flag(self.kind, cand, math.prod(norm_shape))
+        variance = C.variance_flags(self.kind, cand, math.prod(norm_shape))
         if isinstance(variance, str):
             return _refuse(cand, variance)
-        flags.update(variance or ())
+        flags |= variance
         eps = cand.form.edef.eps
         if not np.isfinite(eps) or eps < 0:
             return _refuse(cand, f"epsilon {eps} is negative or not finite")

@@ -64,89 +64,104 @@ class Prover:
     def _prove(
         self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams, shape: list[int]
     ) -> str | None:
+        """Run the match and its replacement on ``shape``-sized inputs; None when they agree."""
         inp = rule.input_of(mg, cand, params)
         in_dt = mg.dtype(inp)
-        final = params.extent.final
-        out_dt = mg.dtype(final)
+        out_dt = mg.dtype(params.extent.final)
         assert in_dt is not None and out_dt is not None
-
-        # The original match as a standalone graph.
-        names: dict[int, ir.Tensor] = {}
-        x_in = ir.Variable("x", dtype=np_dtype(in_dt), shape=shape)
-        names[id(inp)] = x_in
         nodes = [*params.extent.prefix, *cand.nodes, *params.extent.suffix]
-
-        inside = {id(n) for n in nodes}
-
-        known, refs = _binding(mg, inp, shape)
-
-        def tensor(t: ir.Tensor) -> ir.Tensor:
-            if id(t) not in names:
-                made_here = bool(t.inputs) and id(t.inputs[0]) in inside
-                val = None if made_here else mg.const_value(t)
-                if val is None and not made_here and t is not inp and id(t) not in cand.valued:
-                    # A shape-derived input (a Reshape target, Expand(1, rows)): its value for the
-                    # proof's input shape.
-                    val = shapes.evaluate(mg, t, known, refs)
-                if val is not None and t is not cand.x:
-                    names[id(t)] = ir.Constant(f"c{len(names)}", np.array(val))
-                else:
-                    names[id(t)] = ir.Variable(f"t{len(names)}")
-            return names[id(t)]
-
-        orig_nodes = []
-        for n in nodes:
-            ins = [tensor(t) for t in n.inputs]
-            outs = [tensor(t) for t in n.outputs]
-            orig_nodes.append(n.clone(ins, outs))
-        y_orig = names[id(final)]
-        y_orig.dtype = out_dt
-        orig = _model(orig_nodes, x_in, y_orig, self.opset)
-
-        # The replacement.
-        counter = iter(range(1_000_000))
-        namer: Callable[[str], str] = lambda base: f"{base}_{next(counter)}"  # noqa: E731
+        orig = _original_model(mg, cand, params, inp, nodes, shape, self.opset)
         x_f = ir.Variable("x", dtype=np_dtype(in_dt), shape=shape)
         y_f = ir.Variable("y", dtype=np_dtype(out_dt))
-        fused_nodes = rule.build(params, x_f, y_f, namer)
-        fused = _model(fused_nodes, x_f, y_f, max(self.opset, rule.min_opset))
-
+        counter = iter(range(1_000_000))
+        namer: Callable[[str], str] = lambda base: f"{base}_{next(counter)}"  # noqa: E731
+        fused = _model(rule.build(params, x_f, y_f, namer), x_f, y_f, max(self.opset, rule.min_opset))
         sess_a = _session(orig)
         sess_b = _session(fused)
-        narrow = _narrowest(mg, nodes, in_dt, out_dt, params)
-        rtol, atol, large_tol = proof_tolerance([narrow])
-        if Flag.ONE_PASS in params.flags or Flag.UNBIASED in params.flags:
-            rtol, atol = rtol * 10, atol * 10
-        rng = np.random.default_rng(1234)
-        cases = [("normal", rng.normal(0.5, 1.0, size=shape))]
-        big = 300.0 if narrow.bits <= FloatKind.FLOAT16.bits else 1000.0  # 16-bit inside: fp16's range
-        offset = 0.0 if Flag.ONE_PASS in params.flags else 3.0 * big
-        cases.append(("large-magnitude", rng.normal(offset, big, size=shape)))
         self.proofs_run += 1
-        for label, data in cases:
-            feed = {"x": data.astype(np_dtype(in_dt))}
-            (a,) = sess_a.run(None, feed, _quiet_run())
-            (b,) = sess_b.run(None, feed, _quiet_run())
-            if a.shape != b.shape:
-                return f"numeric proof failed ({label}): shape {list(b.shape)} != {list(a.shape)}"
-            a64 = a.astype(np.float64)
-            b64 = b.astype(np.float64)
-            fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
-            if np.any(fin_a & ~fin_b):
-                return f"numeric proof failed ({label}): fused output is not finite where the original is"
-            both = fin_a & fin_b
-            if not np.any(both):
-                continue
-            err = np.abs(a64[both] - b64[both])
-            scale = max(float(np.max(np.abs(a64[both]))), 1.0)
-            tol = atol + rtol * scale
-            if label == "large-magnitude":
-                # Offset inputs amplify the original's own rounding (Keras' x*s - mean*s, one-pass
-                # variance); this case is there to catch gross errors (sign, eps, overflow).
-                tol = max(tol, large_tol * scale)
-            if float(np.max(err)) > tol:
-                return f"numeric proof failed ({label}): max abs error {float(np.max(err)):.3g} (tolerance {tol:.3g})"
-        return None
+        narrow = _narrowest(mg, nodes, in_dt, out_dt, params)
+        return _compare(sess_a, sess_b, np_dtype(in_dt), shape, narrow, params.flags)
+
+
+def _original_model(
+    mg: ModelGraph,
+    cand: Candidate,
+    params: NormParams,
+    inp: ir.Tensor,
+    nodes: list[ir.Node],
+    shape: list[int],
+    opset: int,
+) -> onnx.ModelProto:
+    """The match as it is (its nodes, constants and shape-derived inputs for ``shape``) as a
+    standalone model from ``x`` to the match's output."""
+    names: dict[int, ir.Tensor] = {}
+    x_in = ir.Variable("x", dtype=np_dtype(mg.dtype(inp) or 0), shape=shape)
+    names[id(inp)] = x_in
+    inside = {id(n) for n in nodes}
+    known, refs = _binding(mg, inp, shape)
+
+    def tensor(t: ir.Tensor) -> ir.Tensor:
+        if id(t) not in names:
+            made_here = bool(t.inputs) and id(t.inputs[0]) in inside
+            val = None if made_here else mg.const_value(t)
+            if val is None and not made_here and t is not inp and id(t) not in cand.valued:
+                # A shape-derived input (a Reshape target, Expand(1, rows)): its value for the
+                # proof's input shape.
+                val = shapes.evaluate(mg, t, known, refs)
+            if val is not None and t is not cand.x:
+                names[id(t)] = ir.Constant(f"c{len(names)}", np.array(val))
+            else:
+                names[id(t)] = ir.Variable(f"t{len(names)}")
+        return names[id(t)]
+
+    orig_nodes = [n.clone([tensor(t) for t in n.inputs], [tensor(t) for t in n.outputs]) for n in nodes]
+    y_orig = names[id(params.extent.final)]
+    y_orig.dtype = mg.dtype(params.extent.final)
+    return _model(orig_nodes, x_in, y_orig, opset)
+
+
+def _compare(
+    sess_a: object,
+    sess_b: object,
+    in_np: np.dtype,
+    shape: list[int],
+    narrow: FloatKind,
+    flags: frozenset[str],
+) -> str | None:
+    """Run both sessions on an ordinary and a large-magnitude seeded input; None when the outputs
+    agree within the tolerance of ``narrow`` (the original alone overflowing is tolerated)."""
+    rtol, atol, large_tol = proof_tolerance([narrow])
+    if Flag.ONE_PASS in flags or Flag.UNBIASED in flags:
+        rtol, atol = rtol * 10, atol * 10
+    rng = np.random.default_rng(1234)
+    cases = [("normal", rng.normal(0.5, 1.0, size=shape))]
+    big = 300.0 if narrow.bits <= FloatKind.FLOAT16.bits else 1000.0  # 16-bit inside: fp16's range
+    offset = 0.0 if Flag.ONE_PASS in flags else 3.0 * big
+    cases.append(("large-magnitude", rng.normal(offset, big, size=shape)))
+    for label, data in cases:
+        feed = {"x": data.astype(in_np)}
+        (a,) = sess_a.run(None, feed, _quiet_run())  # type: ignore[attr-defined]
+        (b,) = sess_b.run(None, feed, _quiet_run())  # type: ignore[attr-defined]
+        if a.shape != b.shape:
+            return f"numeric proof failed ({label}): shape {list(b.shape)} != {list(a.shape)}"
+        a64 = a.astype(np.float64)
+        b64 = b.astype(np.float64)
+        fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
+        if np.any(fin_a & ~fin_b):
+            return f"numeric proof failed ({label}): fused output is not finite where the original is"
+        both = fin_a & fin_b
+        if not np.any(both):
+            continue
+        err = np.abs(a64[both] - b64[both])
+        scale = max(float(np.max(np.abs(a64[both]))), 1.0)
+        tol = atol + rtol * scale
+        if label == "large-magnitude":
+            # Offset inputs amplify the original's own rounding (Keras' x*s - mean*s, one-pass
+            # variance); this case is there to catch gross errors (sign, eps, overflow).
+            tol = max(tol, large_tol * scale)
+        if float(np.max(err)) > tol:
+            return f"numeric proof failed ({label}): max abs error {float(np.max(err)):.3g} (tolerance {tol:.3g})"
+    return None
 
 
 def _quiet_run():  # type: ignore[no-untyped-def]

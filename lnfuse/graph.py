@@ -456,21 +456,24 @@ class ModelGraph:
 def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
     """Rebuild ``gp``'s node list from ``g`` (kept nodes by their import index) and its
     value_info (entries of tensors no longer defined go; new typed tensors get one)."""
-    current = list(gp.node)
-    protos: list[onnx.NodeProto] = []
+    new_protos: dict[int, onnx.NodeProto] = {}  # built before any NodeProto moves
     added: dict[str, ir.Constant] = {}
     typed: list[ir.Tensor] = []
     for node in g.nodes:
         if node.index >= 0:
-            protos.append(current[node.index])
             continue
-        protos.append(node.to_proto())
+        new_protos[id(node)] = node.to_proto()
         for t in node.inputs:
             if isinstance(t, ir.Constant) and t.proto is None:
                 added.setdefault(t.name, t)
         typed += [t for t in node.outputs if t.name and t.dtype]
-    del gp.node[:]
-    gp.node.extend(protos)
+    if _compacts(g.nodes):
+        _compact_nodes(g.nodes, gp, new_protos)
+    else:
+        current = list(gp.node)
+        protos = [current[n.index] if n.index >= 0 else new_protos[id(n)] for n in g.nodes]
+        del gp.node[:]
+        gp.node.extend(protos)
     have = {t.name for t in gp.initializer}
     for name, c in added.items():
         if name not in have:
@@ -486,6 +489,41 @@ def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
     if len(gp.value_info) or kept:
         del gp.value_info[:]
         gp.value_info.extend(kept)
+
+
+def _compacts(nodes: list[ir.Node]) -> bool:
+    """True when the new node list can be written over the old one front to back: kept nodes
+    in their import order, and no node lands on the slot of a kept node not yet moved."""
+    limit = 1 << 62  # the slot of the next kept node, seen from the end
+    lands: list[int] = []
+    for node in reversed(nodes):
+        lands.append(limit)
+        if node.index >= 0:
+            if node.index >= limit:
+                return False
+            limit = node.index
+    for w, (node, bound) in enumerate(zip(nodes, reversed(lands), strict=True)):
+        if (w > node.index) if node.index >= 0 else (w >= bound):
+            return False
+    return True
+
+
+def _compact_nodes(nodes: list[ir.Node], gp: onnx.GraphProto, new_protos: dict[int, onnx.NodeProto]) -> None:
+    """Write the node list in place: kept NodeProtos move forward (one C copy each, none for those
+    that stay where they are), new ones fill the freed slots, the tail goes. Unlike a rebuild, no
+    NodeProto of a removed node and none of an unchanged prefix is touched."""
+    slots = gp.node
+    size = len(slots)
+    for w, node in enumerate(nodes):
+        if node.index == w:
+            continue
+        src = slots[node.index] if node.index >= 0 else new_protos[id(node)]
+        if w < size:
+            slots[w].CopyFrom(src)
+        else:
+            slots.append(src)
+    if len(nodes) < len(slots):
+        del slots[len(nodes) :]
 
 
 def _drop_unused(g: ir.Graph, gp: onnx.GraphProto, keep: set[str]) -> None:

@@ -232,6 +232,49 @@ def test_unchanged_export_keeps_every_proto(consume: bool) -> None:
     ]
 
 
+def _relu_chain(n: int) -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"], name=f"r{i}") for i in range(n)]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("v0", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info(f"v{n}", TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("consume", [False, True], ids=["copy", "consume"])
+def test_export_writes_any_new_node_list(seed: int, consume: bool) -> None:
+    """Whatever a rewrite leaves (nodes gone, new ones anywhere, kept ones reordered), the exported
+    node list is exactly the graph's: written in place when that is possible, rebuilt otherwise."""
+    rng = np.random.default_rng(seed)
+    model = _relu_chain(int(rng.integers(1, 12)))
+    before = {n.name: n.SerializeToString() for n in model.graph.node}
+    mg = ModelGraph(model)
+    g = mg.graph
+    kept = [n for n in g.nodes if rng.random() < 0.6]
+    if seed % 4 == 0:
+        rng.shuffle(kept)  # out of import order: the rebuild
+    new_list: list[ir.Node] = []
+    for i, node in enumerate(kept):
+        for j in range(int(rng.integers(0, 3)) if rng.random() < 0.4 else 0):
+            t = ir.Variable(f"new{i}_{j}", np.float32)
+            new_list.append(ir.Node("Neg", f"neg{i}_{j}", None, [node.inputs[0]], [t]))
+        new_list.append(node)
+    if rng.random() < 0.5:
+        new_list.append(ir.Node("Neg", "tail", None, [g.inputs[0]], [ir.Variable("tail_out", np.float32)]))
+    g.nodes = new_list
+    g.dirty = True
+    out = mg.export(consume=consume)
+    assert [n.name for n in out.graph.node] == [n.name for n in new_list]
+    for proto in out.graph.node:
+        if proto.name in before:
+            assert proto.SerializeToString() == before[proto.name]
+        else:
+            assert proto.op_type == "Neg" and list(proto.output) == [proto.output[0]]
+
+
 def test_index_never_modifies_the_input() -> None:
     for path in SHIPPED[:40]:
         model = onnx.load(str(path))

@@ -759,8 +759,16 @@ class Walker:
         # Prefer the deepest output whose scale and bias are original constants
         # (so LN -> Add(beta) -> Add(other_bias) stops at beta); else the deepest.
         # Purity is tested from the deepest down, and only as far as needed.
+        purity: dict[int, bool] = {}
+
+        def pure(t: ir.Tensor, form: S.NormForm) -> bool:
+            key = id(t)
+            if key not in purity:
+                purity[key] = self._pure(form, t)
+            return purity[key]
+
         first_pure = next(
-            (i for i, t in enumerate(deep) if (f := form_of(t)) is not None and self._pure(f, t)),
+            (i for i, t in enumerate(deep) if (f := form_of(t)) is not None and pure(t, f)),
             None,
         )
         seq = deep if first_pure is None else deep[first_pure:]
@@ -771,7 +779,7 @@ class Walker:
             if t.inputs and id(t.inputs[0]) in claimed:
                 continue  # inside a match already taken
             form = form_of(t)
-            if form is None or (first_pure is not None and not self._pure(form, t)):
+            if form is None or (first_pure is not None and not pure(t, form)):
                 continue
             taken = self._take(x, axes, rank, t, form, values, ctx, claimed)
             if isinstance(taken, Candidate):
@@ -1039,8 +1047,8 @@ class Walker:
         Only a preference between nested complete outputs (LN -> Add(beta) -> Add(shift)
         stops at beta); every output chosen is still checked for closure and proved.
         """
-        consts = self._cone_consts.get(id(t), ())
-        found = [k for k in (self._const_key(c) for c in consts) if k is not None]
+        consts = {id(c): c for c in self._cone_consts.get(id(t), ())}  # once each, in order
+        found = [k for k in (self._const_key(c) for c in consts.values()) if k is not None]
         keys = {k[0] for k in found}
 
         def matches(coef: np.ndarray | None, scaled: bool) -> bool:

@@ -187,87 +187,120 @@ def _step_slice(mg: ModelGraph, t: ir.Tensor) -> _Slice | None:
     if p is None or not _default(p):
         return None
     if p.op == "Gather":
-        if len(p.inputs) != 2 or len(p.outputs) != 1:
-            return None
-        idx = mg.const_value(p.inputs[1])
-        if idx is None or idx.dtype.kind not in "iu" or idx.size != 1 or idx.ndim > 1:
-            return None
-        return _Slice(
-            source=p.inputs[0],
-            kind="gather",
-            axis=int(p.attrs.get("axis", 0)),
-            start=int(idx.reshape(-1)[0]),
-            keepdim=idx.ndim == 1,
-            nodes=[p],
-        )
+        return _gather_step(mg, p)
     nodes: list[ir.Node] = []
     squeeze_axis: int | None = None
     u = t
     if p.op == "Squeeze":
-        if not p.inputs:
+        squeeze_axis = _squeeze_axis(mg, p)
+        if squeeze_axis is None:
             return None
-        axes = _ints(mg, p, "axes", 1)
-        if axes is None or len(axes) != 1:
-            return None
-        squeeze_axis = axes[0]
         nodes.append(p)
         u = p.inputs[0]
         p = mg.producer(u)
         if p is None or not _default(p):
             return None
     if p.op == "Slice":
-        if not p.inputs or len(p.outputs) != 1:
-            return None
-        if "starts" in p.attrs:  # opset < 10
-            starts, ends = _ints(mg, p, "starts", 99), _ints(mg, p, "ends", 99)
-            axes = _ints(mg, p, "axes", 99)
-            steps: list[int] | None = [1]
-        else:
-            starts, ends = _ints(mg, p, "_", 1), _ints(mg, p, "_", 2)
-            axes = _ints(mg, p, "_", 3) if len(p.inputs) > 3 and p.inputs[3].name else None
-            steps = _ints(mg, p, "_", 4) if len(p.inputs) > 4 and p.inputs[4].name else [1]
-            if len(p.inputs) > 3 and p.inputs[3].name and axes is None:
-                return None
-        if starts is None or ends is None or steps is None or len(starts) != 1 or len(ends) != 1:
-            return None
-        if axes is None:
-            axes = [0]
-        if len(axes) != 1 or len(steps) != 1:
-            return None
-        return _Slice(
-            source=p.inputs[0],
-            kind="slice",
-            axis=axes[0],
-            start=starts[0],
-            end=ends[0],
-            step=steps[0],
-            keepdim=squeeze_axis is None,
-            squeeze_axis=squeeze_axis,
-            nodes=[*nodes, p],
-        )
+        return _slice_step(mg, p, squeeze_axis, nodes)
     if p.op == "Split":
-        if not p.inputs:
-            return None
-        k = next((i for i, o in enumerate(p.outputs) if o is u), None)
-        if k is None:
-            return None
-        sizes = None
-        if "split" in p.attrs or (len(p.inputs) > 1 and p.inputs[1].name):
-            sizes = _ints(mg, p, "split", 1)
-            if sizes is None:
-                return None
-        return _Slice(
-            source=p.inputs[0],
-            kind="split",
-            axis=int(p.attrs.get("axis", 0)),
-            start=k,
-            keepdim=squeeze_axis is None,
-            squeeze_axis=squeeze_axis,
-            split_sizes=sizes,
-            n_outputs=len(p.outputs),
-            nodes=[*nodes, p],
-        )
+        return _split_step(mg, p, u, squeeze_axis, nodes)
     return None
+
+
+def _gather_step(mg: ModelGraph, p: ir.Node) -> _Slice | None:
+    """The step cut by ``Gather(X, const i)`` (scalar or one-element index), or None."""
+    if len(p.inputs) != 2 or len(p.outputs) != 1:
+        return None
+    idx = mg.const_value(p.inputs[1])
+    if idx is None or idx.dtype.kind not in "iu" or idx.size != 1 or idx.ndim > 1:
+        return None
+    return _Slice(
+        source=p.inputs[0],
+        kind="gather",
+        axis=int(p.attrs.get("axis", 0)),
+        start=int(idx.reshape(-1)[0]),
+        keepdim=idx.ndim == 1,
+        nodes=[p],
+    )
+
+
+def _squeeze_axis(mg: ModelGraph, p: ir.Node) -> int | None:
+    """The single axis a ``Squeeze`` removes, or None if it is not exactly one known axis."""
+    if not p.inputs:
+        return None
+    axes = _ints(mg, p, "axes", 1)
+    if axes is None or len(axes) != 1:
+        return None
+    return axes[0]
+
+
+def _slice_args(mg: ModelGraph, p: ir.Node) -> tuple[int, int, int, int] | None:
+    """(start, end, axis, step) of a one-axis ``Slice`` (attribute or input form), or None."""
+    if "starts" in p.attrs:  # opset < 10
+        starts, ends = _ints(mg, p, "starts", 99), _ints(mg, p, "ends", 99)
+        axes = _ints(mg, p, "axes", 99)
+        steps: list[int] | None = [1]
+    else:
+        starts, ends = _ints(mg, p, "_", 1), _ints(mg, p, "_", 2)
+        axes = _ints(mg, p, "_", 3) if len(p.inputs) > 3 and p.inputs[3].name else None
+        steps = _ints(mg, p, "_", 4) if len(p.inputs) > 4 and p.inputs[4].name else [1]
+        if len(p.inputs) > 3 and p.inputs[3].name and axes is None:
+            return None
+    if starts is None or ends is None or steps is None or len(starts) != 1 or len(ends) != 1:
+        return None
+    if axes is None:
+        axes = [0]
+    if len(axes) != 1 or len(steps) != 1:
+        return None
+    return starts[0], ends[0], axes[0], steps[0]
+
+
+def _slice_step(mg: ModelGraph, p: ir.Node, squeeze_axis: int | None, nodes: list[ir.Node]) -> _Slice | None:
+    """The step cut by a one-axis ``Slice`` [-> ``Squeeze``], or None."""
+    if not p.inputs or len(p.outputs) != 1:
+        return None
+    args = _slice_args(mg, p)
+    if args is None:
+        return None
+    start, end, axis, step = args
+    return _Slice(
+        source=p.inputs[0],
+        kind="slice",
+        axis=axis,
+        start=start,
+        end=end,
+        step=step,
+        keepdim=squeeze_axis is None,
+        squeeze_axis=squeeze_axis,
+        nodes=[*nodes, p],
+    )
+
+
+def _split_step(
+    mg: ModelGraph, p: ir.Node, u: ir.Tensor, squeeze_axis: int | None, nodes: list[ir.Node]
+) -> _Slice | None:
+    """The step cut as output ``u`` of a ``Split`` [-> ``Squeeze``], or None."""
+    if not p.inputs:
+        return None
+    k = next((i for i, o in enumerate(p.outputs) if o is u), None)
+    if k is None:
+        return None
+    sizes = None
+    if "split" in p.attrs or (len(p.inputs) > 1 and p.inputs[1].name):
+        sizes = _ints(mg, p, "split", 1)
+        if sizes is None:
+            return None
+    return _Slice(
+        source=p.inputs[0],
+        kind="split",
+        axis=int(p.attrs.get("axis", 0)),
+        start=k,
+        keepdim=squeeze_axis is None,
+        squeeze_axis=squeeze_axis,
+        split_sizes=sizes,
+        n_outputs=len(p.outputs),
+        nodes=[*nodes, p],
+    )
 
 
 def _time_index(cut: _Slice, rank: int, steps: Dim) -> tuple[int, int] | None:
@@ -352,6 +385,73 @@ def _single_use(mg: ModelGraph, t: ir.Tensor) -> ir.Node | None:
     return outs[0]
 
 
+def _step_chain(
+    mg: ModelGraph, view: GraphView, mm: ir.Node, is_gemm: bool
+) -> tuple[list[ir.Node], list[ir.Tensor], ir.Node] | str:
+    """(Adds, bias constants, LayerNormalization) that follow one step's MatMul/Gemm, or why not."""
+    consts: list[ir.Tensor] = []
+    if is_gemm and len(mm.inputs) > 2 and mm.inputs[2].name:
+        consts.append(mm.inputs[2])
+    t = mm.outputs[0]
+    nxt = _single_use(mg, t)
+    adds: list[ir.Node] = []
+    if nxt is not None and nxt.op == "Add" and _default(nxt) and len(nxt.inputs) == 2:
+        other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
+        if mg.const_value(other) is not None and mg.view_of(nxt) is view:
+            adds.append(nxt)
+            consts.append(other)
+            t = nxt.outputs[0]
+            nxt = _single_use(mg, t)
+    if nxt is None or nxt.op != "LayerNormalization" or not _default(nxt) or nxt.inputs[0] is not t:
+        return "a step's MatMul output is not used by exactly one LayerNormalization"
+    if mg.view_of(nxt) is not view:
+        return "a step's LayerNormalization is in another graph"
+    return adds, consts, nxt
+
+
+def _ln_refusal(
+    mg: ModelGraph, ln: ir.Node, consts: list[ir.Tensor], hidden: int, out_rank: int
+) -> str | None:
+    """Why one step's LayerNormalization and biases cannot be hoisted, or None if they can."""
+    for extra in ln.outputs[1:]:
+        if extra.outputs or mg.is_graph_output(extra):
+            return "a LayerNormalization's Mean / InvStdDev output is used"
+    for c in consts:
+        cv = mg.const_value(c)
+        if cv is None or not _per_feature(cv, hidden, out_rank):
+            return "bias is not a per-feature constant"
+    ln_axis = int(ln.attrs.get("axis", -1))
+    if ln_axis not in (-1, out_rank - 1):
+        return "LayerNormalization not over the last axis"
+    return None
+
+
+def _ln_key(
+    mg: ModelGraph, ln: ir.Node, adds: list[ir.Node], consts: list[ir.Tensor], digests: dict[int, str]
+) -> tuple:
+    """Equality key of one step's LN attributes, LN parameters and biases."""
+    scale = ln.inputs[1] if len(ln.inputs) > 1 else None
+    bias = ln.inputs[2] if len(ln.inputs) > 2 else None
+    return (
+        float(ln.attrs.get("epsilon", 1e-5)),
+        int(ln.attrs.get("stash_type", 1)),
+        _digest(mg, scale, digests),
+        _digest(mg, bias, digests),
+        len(consts),
+        len(adds),
+        tuple(_digest(mg, c, digests) for c in consts),
+    )
+
+
+def _step_range(members: list[_Member]) -> tuple[int, int] | None:
+    """(lo, hi) of the members' time indices, or None if they repeat or leave a gap."""
+    indices = sorted(m.index for m in members)
+    lo, hi = indices[0], indices[-1]
+    if indices != list(range(lo, hi + 1)):
+        return None
+    return lo, hi
+
+
 def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict[int, str]) -> _Plan | str:
     """Check one weight's group; a plan, or why it stays per step."""
     if len(members) < 2:
@@ -384,56 +484,25 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
         step_rank = rank if m.cut.keepdim else rank - 1
         if is_gemm and step_rank != 2:
             return "Gemm on a step that is not 2-D"
-        out_rank = step_rank
-        consts: list[ir.Tensor] = []
-        if is_gemm and len(m.mm.inputs) > 2 and m.mm.inputs[2].name:
-            consts.append(m.mm.inputs[2])
-        t = m.mm.outputs[0]
-        nxt = _single_use(mg, t)
-        adds: list[ir.Node] = []
-        if nxt is not None and nxt.op == "Add" and _default(nxt) and len(nxt.inputs) == 2:
-            other = nxt.inputs[1] if nxt.inputs[0] is t else nxt.inputs[0]
-            if mg.const_value(other) is not None and mg.view_of(nxt) is view:
-                adds.append(nxt)
-                consts.append(other)
-                t = nxt.outputs[0]
-                nxt = _single_use(mg, t)
-        if nxt is None or nxt.op != "LayerNormalization" or not _default(nxt) or nxt.inputs[0] is not t:
-            return "a step's MatMul output is not used by exactly one LayerNormalization"
-        if mg.view_of(nxt) is not view:
-            return "a step's LayerNormalization is in another graph"
-        for extra in nxt.outputs[1:]:
-            if extra.outputs or mg.is_graph_output(extra):
-                return "a LayerNormalization's Mean / InvStdDev output is used"
-        for c in consts:
-            cv = mg.const_value(c)
-            if cv is None or not _per_feature(cv, hidden, out_rank):
-                return "bias is not a per-feature constant"
-        ln_axis = int(nxt.attrs.get("axis", -1))
-        if ln_axis not in (-1, out_rank - 1):
-            return "LayerNormalization not over the last axis"
-        scale = nxt.inputs[1] if len(nxt.inputs) > 1 else None
-        bias = nxt.inputs[2] if len(nxt.inputs) > 2 else None
-        key = (
-            float(nxt.attrs.get("epsilon", 1e-5)),
-            int(nxt.attrs.get("stash_type", 1)),
-            _digest(mg, scale, digests),
-            _digest(mg, bias, digests),
-            len(consts),
-            len(adds),
-            tuple(_digest(mg, c, digests) for c in consts),
-        )
+        chain = _step_chain(mg, view, m.mm, is_gemm)
+        if isinstance(chain, str):
+            return chain
+        adds, consts, ln = chain
+        why = _ln_refusal(mg, ln, consts, hidden, step_rank)
+        if why is not None:
+            return why
+        key = _ln_key(mg, ln, adds, consts, digests)
         if ln_key is None:
             ln_key = key
         elif key != ln_key:
             return "LayerNormalization parameters or biases differ between steps"
-        m.adds, m.add_consts, m.ln = adds, consts, nxt
+        m.adds, m.add_consts, m.ln = adds, consts, ln
         m.aliases = _identity_chain(mg, m.mm.inputs[1])
     assert axis is not None
-    indices = sorted(m.index for m in members)
-    lo, hi = indices[0], indices[-1]
-    if indices != list(range(lo, hi + 1)):
+    span = _step_range(members)
+    if span is None:
         return "step indices are repeated or not contiguous"
+    lo, hi = span
     steps = shape[axis]
     full = isinstance(steps, int) and lo == 0 and hi == steps - 1
     return _Plan(
@@ -465,34 +534,57 @@ def _dead(mg: ModelGraph, node: ir.Node) -> bool:
 
 
 def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
+    """Replace the group's per-step MatMul [+ Add] + LN by one hoisted chain; the report line."""
     view, members = plan.view, plan.members
     pos = view.position
     anchor_m = min(members, key=lambda m: pos[id(m.ln)])
     anchor = anchor_m.ln
     assert anchor is not None
-    ln_out = anchor.outputs[0]
-    dtype = ln_out.dtype
     base = plan.source.name or "seq"
-    new: list[ir.Node] = []
+    seq, new = _time_window(mg, plan, base)
+    z, hoisted = _hoisted_ln(mg, plan, anchor_m, seq, base)
+    new += hoisted
 
+    removed: list[ir.Node] = []
+    for m in members:
+        assert m.ln is not None
+        removed += [m.mm, *m.adds, m.ln]
+    outs = {id(m.ln): m.ln.outputs[0] for m in members}  # type: ignore[union-attr]
+    mg.detach(removed)
+    new += _step_gathers(mg, plan, z, outs, base)
+    mg.replace(view, removed, anchor, new)
+    _drop_dead_feeders(mg, members)
+    return _summary(plan, anchor_m)
+
+
+def _time_window(mg: ModelGraph, plan: _Plan, base: str) -> tuple[ir.Tensor, list[ir.Node]]:
+    """(sequence the hoisted MatMul reads, nodes that cut it): X itself, or X[lo:hi+1] along time."""
     seq = plan.source
-    if plan.prefix_slice:
-        sliced = ir.Variable(mg.unique_name(f"{base}_hoist_steps"), dtype=seq.dtype)
-        new.append(
-            ir.Node(
-                "Slice",
-                name=mg.unique_name("lnfuse/hoist/Slice"),
-                inputs=[
-                    seq,
-                    _i64(mg, f"{base}_hoist_start", [plan.lo]),
-                    _i64(mg, f"{base}_hoist_end", [plan.hi + 1]),
-                    _i64(mg, f"{base}_hoist_axis", [plan.axis]),
-                ],
-                outputs=[sliced],
-            )
-        )
-        seq = sliced
+    if not plan.prefix_slice:
+        return seq, []
+    sliced = ir.Variable(mg.unique_name(f"{base}_hoist_steps"), dtype=seq.dtype)
+    node = ir.Node(
+        "Slice",
+        name=mg.unique_name("lnfuse/hoist/Slice"),
+        inputs=[
+            seq,
+            _i64(mg, f"{base}_hoist_start", [plan.lo]),
+            _i64(mg, f"{base}_hoist_end", [plan.hi + 1]),
+            _i64(mg, f"{base}_hoist_axis", [plan.axis]),
+        ],
+        outputs=[sliced],
+    )
+    return sliced, [node]
 
+
+def _hoisted_ln(
+    mg: ModelGraph, plan: _Plan, anchor_m: _Member, seq: ir.Tensor, base: str
+) -> tuple[ir.Tensor, list[ir.Node]]:
+    """(Z, nodes computing Z = LN(seq @ W [+ b]) with the anchor step's LN parameters)."""
+    anchor = anchor_m.ln
+    assert anchor is not None
+    dtype = anchor.outputs[0].dtype
+    new: list[ir.Node] = []
     weight: ir.Tensor = plan.weight
     if plan.trans_b:
         wv = mg.const_value(plan.weight)
@@ -522,14 +614,15 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
             outputs=[z],
         )
     )
+    return z, new
 
-    removed: list[ir.Node] = []
-    for m in members:
-        assert m.ln is not None
-        removed += [m.mm, *m.adds, m.ln]
-    outs = {id(m.ln): m.ln.outputs[0] for m in members}  # type: ignore[union-attr]
-    mg.detach(removed)
-    for m in sorted(members, key=lambda m: m.index):
+
+def _step_gathers(
+    mg: ModelGraph, plan: _Plan, z: ir.Tensor, outs: dict[int, ir.Tensor], base: str
+) -> list[ir.Node]:
+    """One ``Gather(Z, t - lo)`` per step, in time order, writing that step's old LN output."""
+    new: list[ir.Node] = []
+    for m in sorted(plan.members, key=lambda m: m.index):
         idx = m.index - plan.lo
         index_t = _i64(mg, f"{base}_hoist_t{idx}", [idx] if m.cut.keepdim else idx)
         new.append(
@@ -541,9 +634,12 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
                 outputs=[outs[id(m.ln)]],
             )
         )
-    mg.replace(view, removed, anchor, new)
-    # Step slices and weight aliases left without consumers go too (nearest first), each from
-    # its own graph (an outer-scope slice or alias lives in an enclosing graph).
+    return new
+
+
+def _drop_dead_feeders(mg: ModelGraph, members: list[_Member]) -> None:
+    """Remove step slices and weight aliases left without consumers (nearest first)."""
+    # Each goes from its own graph (an outer-scope slice or alias lives in an enclosing graph).
     for m in members:
         for chain in (m.cut.nodes, m.aliases):
             for node in chain:
@@ -554,11 +650,14 @@ def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
                 if home is not None:
                     mg.replace(home, [node], node, [])
 
-    n = len(members)
+
+def _summary(plan: _Plan, anchor_m: _Member) -> str:
+    """The report line of one hoisted group: which ops it replaced by how many."""
+    n = len(plan.members)
     op = "Gemm" if plan.is_gemm else "MatMul"
     parts = [f"{n} {op}"] + [f"{n} Add"] * len(anchor_m.adds) + [f"{n} LayerNormalization"]
     after = " + ".join(["1"] * len(parts))
-    where = "" if view.path == "main" else f" in {view.path}"
+    where = "" if plan.view.path == "main" else f" in {plan.view.path}"
     return (
         f"input-side LN of W '{plan.weight.name}' hoisted over {n} steps of '{plan.source.name}'{where} "
         f"({' + '.join(parts)} -> {after})"

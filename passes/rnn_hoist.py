@@ -40,7 +40,7 @@ switches it off.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -471,6 +471,7 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
     hidden = int(w_shape[0] if trans_b else w_shape[1])
     axis: int | None = None
     ln_key: tuple | None = None
+    planned: list[_Member] = []  # the members with their time index and chain (inputs unchanged)
     for m in members:
         ax = m.cut.axis + rank if m.cut.axis < 0 else m.cut.axis
         ti = _time_index(m.cut, rank, shape[ax] if 0 <= ax < rank else None)
@@ -480,7 +481,6 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
             axis = ti[0]
         elif ti[0] != axis:
             return "steps slice along different axes"
-        m.index = ti[1]
         step_rank = rank if m.cut.keepdim else rank - 1
         if is_gemm and step_rank != 2:
             return "Gemm on a step that is not 2-D"
@@ -496,10 +496,10 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
             ln_key = key
         elif key != ln_key:
             return "LayerNormalization parameters or biases differ between steps"
-        m.adds, m.add_consts, m.ln = adds, consts, ln
-        m.aliases = _identity_chain(mg, m.mm.inputs[1])
+        aliases = _identity_chain(mg, m.mm.inputs[1])
+        planned.append(replace(m, index=ti[1], adds=adds, add_consts=consts, ln=ln, aliases=aliases))
     assert axis is not None
-    span = _step_range(members)
+    span = _step_range(planned)
     if span is None:
         return "step indices are repeated or not contiguous"
     lo, hi = span
@@ -507,7 +507,7 @@ def _plan(mg: ModelGraph, view: GraphView, members: list[_Member], digests: dict
     full = isinstance(steps, int) and lo == 0 and hi == steps - 1
     return _Plan(
         view=view,
-        members=members,
+        members=planned,
         source=source,
         axis=axis,
         lo=lo,

@@ -213,6 +213,17 @@ def floor_command(src: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def checked_floor_command(src: Path, out: Path) -> list[str]:
+    """The floor plus the two checks lnfuse promises (``onnx.checker`` on the input, the full check
+    with shape inference on the output), run here on the same model: what lnfuse costs at least
+    while it keeps those promises."""
+    code = (
+        f"import onnx; m = onnx.load({str(src)!r}); onnx.checker.check_model(m); "
+        f"onnx.checker.check_model(m, full_check=True); onnx.save(m, {str(out)!r})"
+    )
+    return [sys.executable, "-c", code]
+
+
 def calibrate() -> float:
     """Seconds for a fixed pure-Python loop (10M additions): how fast this CPU is right now.
 
@@ -260,7 +271,7 @@ def measure(
 
     # End to end (best of `repeat`), each run right after the load + save floor on the same file.
     out = workdir / f"{name}.e2e.onnx"
-    walls, rsss, calib, floor_walls, floor_rsss = [], [], [], [], []
+    walls, rsss, calib, floor_walls, floor_rsss, ck_walls, ck_rsss = [], [], [], [], [], [], []
     label = ""
     for _ in range(repeat):
         if out.exists():
@@ -271,6 +282,11 @@ def measure(
             raise RuntimeError(f"{name}: load + save floor failed (rc {rc}):\n{err}")
         floor_walls.append(wall)
         floor_rsss.append(rss)
+        wall, rss, rc, err = _run_wait4(checked_floor_command(src, workdir / f"{name}.ck.onnx"), workdir)
+        if rc != 0:
+            raise RuntimeError(f"{name}: checked floor failed (rc {rc}):\n{err}")
+        ck_walls.append(wall)
+        ck_rsss.append(rss)
         cmd, label = e2e_command(src, out, form)
         wall, rss, rc, err = _run_wait4(cmd, workdir)
         if rc != 0 or not out.exists():
@@ -285,6 +301,8 @@ def measure(
     rec["floor_rss_mib"] = min(floor_rsss)
     rec["x_floor"] = rec["e2e"] / rec["floor"]
     rec["x_floor_mem"] = rec["e2e_rss_mib"] / rec["floor_rss_mib"]
+    rec["ck_floor"] = min(ck_walls)
+    rec["ck_floor_rss_mib"] = min(ck_rsss)
     rec["e2e_via"] = label
     rec["out_ln"] = _count_ln(str(out))
     return rec
@@ -322,6 +340,8 @@ COLUMNS = [
     ("floor_rss_mib", "flMiB", 6),
     ("x_floor", "xtime", 6),
     ("x_floor_mem", "xmem", 5),
+    ("ck_floor", "ckfl", 6),
+    ("ck_floor_rss_mib", "ckMiB", 6),
 ]
 
 
@@ -334,6 +354,10 @@ def print_table(records: list[dict[str, object]]) -> None:
     )
     print(
         f"'xtime' / 'xmem' = e2e over the floor (targets: <= {FLOOR_TIME_TARGET}x time, <= {FLOOR_MEM_TARGET}x memory)"
+    )
+    print(
+        "'ckfl' / 'ckMiB' = the floor plus onnx.checker on the input and the full check on the output "
+        "(the checks lnfuse runs), no matching"
     )
     print(" ".join(h.rjust(w) if k != "model" else h.ljust(w) for k, h, w in COLUMNS))
     for r in records:
@@ -459,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{float(big10k['floor_rss_mib']):.0f} MiB): {xt:.2f}x time (target <= {FLOOR_TIME_TARGET}x): "  # type: ignore[arg-type]
                 f"{'PASS' if xt <= FLOOR_TIME_TARGET else 'MISS'}, {xm:.2f}x memory (target <= {FLOOR_MEM_TARGET}x): "
                 f"{'PASS' if xm <= FLOOR_MEM_TARGET else 'MISS'}"
+            )
+            ck, ckm = float(big10k["ck_floor"]), float(big10k["ck_floor_rss_mib"])  # type: ignore[arg-type]
+            print(
+                f"chain_10000: the two checks alone with load + save: {ck:.2f} s, {ckm:.0f} MiB = "
+                f"{ck / float(big10k['floor']):.2f}x time, {ckm / float(big10k['floor_rss_mib']):.2f}x memory "  # type: ignore[arg-type]
+                "of the floor"
             )
         print(
             "cpu check = a fixed 10M-iteration Python loop timed just before each run "

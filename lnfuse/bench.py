@@ -302,14 +302,7 @@ def bench(
     (seen as 2-3x noise with 2 threads on a 2-core machine); one model keeps ORT's default. ``progress``: None shows a bar on stderr only when it is
     a terminal and the run is expected to take more than ~1.5 s; False never; True always.
     """
-    if warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {warmup}")
-    if min_runs < 1:
-        raise InputError(f"min_runs must be >= 1, got {min_runs}")
-    if min_time < 0 or max_time <= 0:
-        raise InputError(f"min_time must be >= 0 and max_time > 0, got {min_time} and {max_time}")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be >= 1, got {threads}")
+    _check_bench_args(warmup, min_runs, min_time, max_time, threads)
     level_names = _normalize_levels(levels)
     proto_a = load_model_proto(model_a)
     feeds = synthesize_inputs(proto_a, seed=seed, dims=dims)
@@ -326,13 +319,7 @@ def bench(
     actual = choice.primary
     try:
         for index, level in enumerate(level_names):
-            sess_a = make_session(model_a, choice, level, threads=threads, spinning=spinning)
-            actual = sess_a.get_providers()[0]
-            run_a = _runner(sess_a, session_feeds(sess_a, feeds, "first model"), choice)
-            run_b = None
-            if model_b is not None:
-                sess_b = make_session(model_b, choice, level, threads=threads, spinning=spinning)
-                run_b = _runner(sess_b, session_feeds(sess_b, feeds, "second model"), choice)
+            actual, run_a, run_b = _level_runners(model_a, model_b, feeds, choice, level, threads, spinning)
             results.append(
                 _time_level(
                     level,
@@ -362,6 +349,40 @@ def bench(
         model_b=None if model_b is None else _label(model_b),
         inputs={n: {"dtype": str(v.dtype), "shape": list(v.shape)} for n, v in feeds.items()},
     )
+
+
+def _check_bench_args(
+    warmup: int, min_runs: int, min_time: float, max_time: float, threads: int | None
+) -> None:
+    """Returns nothing; raises :class:`InputError` for a count or time :func:`bench` cannot use."""
+    if warmup < 0:
+        raise InputError(f"warmup must be >= 0, got {warmup}")
+    if min_runs < 1:
+        raise InputError(f"min_runs must be >= 1, got {min_runs}")
+    if min_time < 0 or max_time <= 0:
+        raise InputError(f"min_time must be >= 0 and max_time > 0, got {min_time} and {max_time}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
+
+
+def _level_runners(
+    model_a: ModelLike,
+    model_b: ModelLike | None,
+    feeds: Mapping[str, np.ndarray],
+    choice: ProviderChoice,
+    level: str,
+    threads: int | None,
+    spinning: bool | None,
+) -> tuple[str, Callable[[], None], Callable[[], None] | None]:
+    """The provider the first model's session runs on, and a runner per model at ``level``."""
+    sess_a = make_session(model_a, choice, level, threads=threads, spinning=spinning)
+    actual = sess_a.get_providers()[0]
+    run_a = _runner(sess_a, session_feeds(sess_a, feeds, "first model"), choice)
+    run_b = None
+    if model_b is not None:
+        sess_b = make_session(model_b, choice, level, threads=threads, spinning=spinning)
+        run_b = _runner(sess_b, session_feeds(sess_b, feeds, "second model"), choice)
+    return actual, run_a, run_b
 
 
 def _time_level(

@@ -258,6 +258,117 @@ def _compare_exact(
     )
 
 
+@dataclass(frozen=True)
+class _FloatStats:
+    """Running totals of a float comparison over the chunks seen so far."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    worst_ratio: float = -1.0
+    worst_flat: int | None = None
+    first_nonfinite: int | None = None
+    n_tol: int = 0
+    n_cand_bad: int = 0
+    n_orig_bad: int = 0
+    n_both_bad: int = 0
+
+    def merge(self, later: _FloatStats) -> _FloatStats:
+        """The totals of these chunks followed by ``later``'s."""
+        take_later = later.worst_ratio > self.worst_ratio
+        return _FloatStats(
+            max_abs=max(self.max_abs, later.max_abs),
+            max_rel=max(self.max_rel, later.max_rel),
+            worst_ratio=later.worst_ratio if take_later else self.worst_ratio,
+            worst_flat=later.worst_flat if take_later else self.worst_flat,
+            first_nonfinite=self.first_nonfinite
+            if self.first_nonfinite is not None
+            else later.first_nonfinite,
+            n_tol=self.n_tol + later.n_tol,
+            n_cand_bad=self.n_cand_bad + later.n_cand_bad,
+            n_orig_bad=self.n_orig_bad + later.n_orig_bad,
+            n_both_bad=self.n_both_bad + later.n_both_bad,
+        )
+
+
+def _float_tiny(dtype: np.dtype) -> float:
+    """The smallest normal number of ``dtype`` (float32's when numpy has no finfo for it)."""
+    try:
+        return float(np.finfo(dtype).tiny)
+    except Exception:
+        return float(np.finfo(np.float32).tiny)
+
+
+def _chunk_stats(
+    a: np.ndarray,
+    b: np.ndarray,
+    start: int,
+    rtol: float,
+    atol: float,
+    tiny: float,
+    allow_fixed_overflow: bool,
+) -> _FloatStats:
+    """The totals of one chunk (float64 ``a`` original, ``b`` candidate) starting at flat ``start``."""
+    fin_a = np.isfinite(a)
+    fin_b = np.isfinite(b)
+    both = fin_a & fin_b
+    with np.errstate(invalid="ignore", over="ignore"):
+        same_nonfinite = ~fin_a & ~fin_b & ((np.isnan(a) & np.isnan(b)) | (a == b))
+    cand_bad = fin_a & ~fin_b
+    orig_bad = ~fin_a & fin_b
+    both_bad = ~fin_a & ~fin_b & ~same_nonfinite
+    hard = cand_bad | both_bad
+    if not allow_fixed_overflow:
+        hard = hard | orig_bad
+    counts = _FloatStats(
+        first_nonfinite=start + int(np.argmax(hard)) if hard.any() else None,
+        n_cand_bad=int(np.count_nonzero(cand_bad)),
+        n_orig_bad=int(np.count_nonzero(orig_bad)),
+        n_both_bad=int(np.count_nonzero(both_bad)),
+    )
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(both, np.abs(np.where(both, a, 0.0) - np.where(both, b, 0.0)), 0.0)
+    absa = np.abs(np.where(both, a, 0.0))
+    if not diff.size:
+        return counts
+    tol = atol + rtol * absa
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(tol > 0, diff / np.where(tol > 0, tol, 1.0), np.where(diff > 0, np.inf, 0.0))
+    ratio = np.where(both, ratio, -1.0)
+    idx = int(np.argmax(ratio))
+    return replace(
+        counts,
+        max_abs=float(diff.max()),
+        max_rel=float((diff / np.maximum(absa, tiny)).max()),
+        worst_ratio=float(ratio[idx]),
+        worst_flat=start + idx,
+        n_tol=int(np.count_nonzero(ratio > 1.0)),
+    )
+
+
+def _float_reason(
+    stats: _FloatStats, total: int, rtol: float, atol: float, allow_fixed_overflow: bool
+) -> str:
+    """The reason line of a float comparison: every kind of mismatch, or ok (with any fixed overflow)."""
+    reasons = []
+    if stats.n_cand_bad:
+        reasons.append(f"candidate has NaN/Inf where the original is finite ({stats.n_cand_bad} elements)")
+    if stats.n_both_bad:
+        reasons.append(f"NaN/Inf values differ ({stats.n_both_bad} elements)")
+    if stats.n_orig_bad and not allow_fixed_overflow:
+        reasons.append(
+            f"original has NaN/Inf where the candidate is finite ({stats.n_orig_bad} elements; "
+            "use --allow-fixed-overflow to accept)"
+        )
+    if stats.n_tol:
+        reasons.append(f"{stats.n_tol} of {total} elements exceed atol={atol:g} + rtol={rtol:g}*|ref|")
+    if reasons:
+        return "; ".join(reasons)
+    fixed = stats.n_orig_bad if allow_fixed_overflow else 0
+    if fixed:
+        return f"ok; fixed overflow: {fixed} elements non-finite in the original are finite in the candidate"
+    return "ok"
+
+
 def _compare_float(
     name: str,
     ref: np.ndarray,
@@ -269,75 +380,19 @@ def _compare_float(
 ) -> OutputComparison:
     shape = tuple(int(s) for s in ref.shape)
     total = int(ref.size)
-    try:
-        tiny = float(np.finfo(ref.dtype).tiny)
-    except Exception:
-        tiny = float(np.finfo(np.float32).tiny)
+    tiny = _float_tiny(ref.dtype)
     flat_a = ref.reshape(-1)
     flat_b = got.reshape(-1)
-    max_abs = 0.0
-    max_rel = 0.0
-    worst_ratio = -1.0
-    worst_flat: int | None = None
-    first_nonfinite: int | None = None
-    n_tol = n_cand_bad = n_orig_bad = n_both_bad = 0
+    stats = _FloatStats()
     for start in range(0, total, _CHUNK):
         a = flat_a[start : start + _CHUNK].astype(np.float64)
         b = flat_b[start : start + _CHUNK].astype(np.float64)
-        fin_a = np.isfinite(a)
-        fin_b = np.isfinite(b)
-        both = fin_a & fin_b
-        with np.errstate(invalid="ignore", over="ignore"):
-            same_nonfinite = ~fin_a & ~fin_b & ((np.isnan(a) & np.isnan(b)) | (a == b))
-        cand_bad = fin_a & ~fin_b
-        orig_bad = ~fin_a & fin_b
-        both_bad = ~fin_a & ~fin_b & ~same_nonfinite
-        n_cand_bad += int(np.count_nonzero(cand_bad))
-        n_orig_bad += int(np.count_nonzero(orig_bad))
-        n_both_bad += int(np.count_nonzero(both_bad))
-        hard = cand_bad | both_bad
-        if not allow_fixed_overflow:
-            hard = hard | orig_bad
-        if first_nonfinite is None and hard.any():
-            first_nonfinite = start + int(np.argmax(hard))
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.where(both, np.abs(np.where(both, a, 0.0) - np.where(both, b, 0.0)), 0.0)
-        absa = np.abs(np.where(both, a, 0.0))
-        if diff.size:
-            max_abs = max(max_abs, float(diff.max()))
-            max_rel = max(max_rel, float((diff / np.maximum(absa, tiny)).max()))
-            tol = atol + rtol * absa
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(tol > 0, diff / np.where(tol > 0, tol, 1.0), np.where(diff > 0, np.inf, 0.0))
-            ratio = np.where(both, ratio, -1.0)
-            n_tol += int(np.count_nonzero(ratio > 1.0))
-            idx = int(np.argmax(ratio))
-            if ratio[idx] > worst_ratio:
-                worst_ratio = float(ratio[idx])
-                worst_flat = start + idx
-    fixed = n_orig_bad if allow_fixed_overflow else 0
-    bad = n_tol + n_cand_bad + n_both_bad + (0 if allow_fixed_overflow else n_orig_bad)
-    reasons = []
-    if n_cand_bad:
-        reasons.append(f"candidate has NaN/Inf where the original is finite ({n_cand_bad} elements)")
-    if n_both_bad:
-        reasons.append(f"NaN/Inf values differ ({n_both_bad} elements)")
-    if n_orig_bad and not allow_fixed_overflow:
-        reasons.append(
-            f"original has NaN/Inf where the candidate is finite ({n_orig_bad} elements; "
-            "use --allow-fixed-overflow to accept)"
-        )
-    if n_tol:
-        reasons.append(f"{n_tol} of {total} elements exceed atol={atol:g} + rtol={rtol:g}*|ref|")
-    if reasons:
-        reason = "; ".join(reasons)
-    elif fixed:
-        reason = (
-            f"ok; fixed overflow: {fixed} elements non-finite in the original are finite in the candidate"
-        )
-    else:
-        reason = "ok"
-    flat_worst = first_nonfinite if first_nonfinite is not None else worst_flat
+        stats = stats.merge(_chunk_stats(a, b, start, rtol, atol, tiny, allow_fixed_overflow))
+    fixed = stats.n_orig_bad if allow_fixed_overflow else 0
+    bad = (
+        stats.n_tol + stats.n_cand_bad + stats.n_both_bad + (0 if allow_fixed_overflow else stats.n_orig_bad)
+    )
+    flat_worst = stats.first_nonfinite if stats.first_nonfinite is not None else stats.worst_flat
     worst = (
         None
         if flat_worst is None or total == 0
@@ -347,11 +402,11 @@ def _compare_float(
         name,
         str(ref.dtype),
         shape,
-        max_abs,
-        max_rel,
+        stats.max_abs,
+        stats.max_rel,
         worst,
         bad == 0,
-        reason,
+        _float_reason(stats, total, rtol, atol, allow_fixed_overflow),
         run_label,
         bad,
         total,
@@ -869,6 +924,49 @@ def check(
     :class:`ProviderError` if ``provider='cuda'`` cannot start. Numeric differences are
     reported in the result (``ok`` False), not raised.
     """
+    pair = _open_pair(original, candidate, provider, level)
+    comparisons = _unmatched_outputs(pair.names_a, pair.names_b)
+    plan = _run_plan(pair.proto_a, runs, seed, dims, input_ranges, inputs, large_magnitude)
+    tolerances = output_tolerances(pair.proto_a, rtol, atol)
+    probe: _OverflowProbe | None = None  # made on the first run that needs it
+    for label, feeds in plan:
+        run_comps, probe = _check_run(
+            pair, label, feeds, tolerances, (rtol, atol), allow_fixed_overflow, probe
+        )
+        comparisons.extend(run_comps)
+
+    return CheckResult(
+        ok=all(c.ok for c in comparisons),
+        provider=pair.provider,
+        provider_reason=pair.reason,
+        level=level,
+        outputs=tuple(comparisons),
+        run_labels=tuple(label for label, _ in plan),
+        inputs=_describe_inputs(plan[0][1]) if plan else {},
+        tolerances=tuple(t for t in tolerances.values() if t.output in set(pair.common)),
+    )
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """The original and the candidate, each with a session on the same provider and level."""
+
+    original: ModelLike
+    proto_a: onnx.ModelProto
+    proto_b: onnx.ModelProto
+    choice: ProviderChoice
+    level: str
+    sess_a: Any
+    sess_b: Any
+    provider: str
+    reason: str
+    names_a: list[str]
+    names_b: list[str]
+    common: list[str]
+
+
+def _open_pair(original: ModelLike, candidate: ModelLike, provider: str, level: str) -> _Pair:
+    """Both models loaded, with sessions, the provider that really runs them and their output names."""
     if level not in LEVELS:
         raise InputError(f"unknown optimization level {level!r} (expected one of {', '.join(LEVELS)})")
     proto_a = load_model_proto(original)
@@ -880,64 +978,61 @@ def check(
     reason = choice.reason
     if actual != choice.primary:
         reason = f"{reason}; session runs on {actual}"
-
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
     common = [n for n in names_a if n in set(names_b)]
-    comparisons: list[OutputComparison] = []
-    for name in names_a:
-        if name not in names_b:
-            comparisons.append(_failure(name, "output missing in the candidate", "all"))
-    for name in names_b:
-        if name not in names_a:
-            comparisons.append(_failure(name, "output not in the original", "all"))
-
-    plan = _run_plan(proto_a, runs, seed, dims, input_ranges, inputs, large_magnitude)
-    tolerances = output_tolerances(proto_a, rtol, atol)
-    probe: _OverflowProbe | None = None  # made on the first run that needs it
-    for label, feeds in plan:
-        validate_feeds(proto_b, feeds, what=f"candidate inputs ({label})", allow_extra=True)
-        feeds_a = session_feeds(sess_a, feeds, "original model")
-        feeds_b = session_feeds(sess_b, feeds, "candidate model")
-        try:
-            outs_a = sess_a.run(common or names_a, feeds_a)
-        except Exception as exc:
-            raise InputError(
-                f"original model failed to run on {label} inputs {_shapes(feeds_a)}: {_first_line(exc)}"
-            ) from None
-        if not common:
-            continue
-        try:
-            outs_b = sess_b.run(common, feeds_b)
-        except Exception as exc:
-            comparisons.append(_failure("*", f"candidate failed to run: {_first_line(exc)}", label))
-            continue
-        run_comps = [
-            _compare_output(name, ref, got, tolerances.get(name), (rtol, atol), allow_fixed_overflow, label)
-            for name, ref, got in zip(common, outs_a, outs_b, strict=True)
-        ]
-        if allow_fixed_overflow and any(_needs_probe(c) for c in run_comps):
-            if probe is None:
-                probe = _OverflowProbe(original, proto_a, choice, level)
-            run_comps = _apply_fixed_overflow(
-                probe,
-                run_comps,
-                feeds_a,
-                dict(zip(common, outs_a, strict=True)),
-                dict(zip(common, outs_b, strict=True)),
-            )
-        comparisons.extend(run_comps)
-
-    return CheckResult(
-        ok=all(c.ok for c in comparisons),
-        provider=actual,
-        provider_reason=reason,
-        level=level,
-        outputs=tuple(comparisons),
-        run_labels=tuple(label for label, _ in plan),
-        inputs=_describe_inputs(plan[0][1]) if plan else {},
-        tolerances=tuple(t for t in tolerances.values() if t.output in set(common)),
+    return _Pair(
+        original, proto_a, proto_b, choice, level, sess_a, sess_b, actual, reason, names_a, names_b, common
     )
+
+
+def _unmatched_outputs(names_a: list[str], names_b: list[str]) -> list[OutputComparison]:
+    """A failure for every output only one of the two models has (the original's first)."""
+    missing = [_failure(n, "output missing in the candidate", "all") for n in names_a if n not in names_b]
+    extra = [_failure(n, "output not in the original", "all") for n in names_b if n not in names_a]
+    return missing + extra
+
+
+def _check_run(
+    pair: _Pair,
+    label: str,
+    feeds: Mapping[str, np.ndarray],
+    tolerances: Mapping[str, Tolerance],
+    given: tuple[float | None, float | None],
+    allow_fixed_overflow: bool,
+    probe: _OverflowProbe | None,
+) -> tuple[list[OutputComparison], _OverflowProbe | None]:
+    """One run's comparisons, and the overflow probe (made here when this run is the first to need it)."""
+    validate_feeds(pair.proto_b, feeds, what=f"candidate inputs ({label})", allow_extra=True)
+    feeds_a = session_feeds(pair.sess_a, feeds, "original model")
+    feeds_b = session_feeds(pair.sess_b, feeds, "candidate model")
+    try:
+        outs_a = pair.sess_a.run(pair.common or pair.names_a, feeds_a)
+    except Exception as exc:
+        raise InputError(
+            f"original model failed to run on {label} inputs {_shapes(feeds_a)}: {_first_line(exc)}"
+        ) from None
+    if not pair.common:
+        return [], probe
+    try:
+        outs_b = pair.sess_b.run(pair.common, feeds_b)
+    except Exception as exc:
+        return [_failure("*", f"candidate failed to run: {_first_line(exc)}", label)], probe
+    run_comps = [
+        _compare_output(name, ref, got, tolerances.get(name), given, allow_fixed_overflow, label)
+        for name, ref, got in zip(pair.common, outs_a, outs_b, strict=True)
+    ]
+    if allow_fixed_overflow and any(_needs_probe(c) for c in run_comps):
+        if probe is None:
+            probe = _OverflowProbe(pair.original, pair.proto_a, pair.choice, pair.level)
+        run_comps = _apply_fixed_overflow(
+            probe,
+            run_comps,
+            feeds_a,
+            dict(zip(pair.common, outs_a, strict=True)),
+            dict(zip(pair.common, outs_b, strict=True)),
+        )
+    return run_comps, probe
 
 
 def _compare_output(

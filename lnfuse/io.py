@@ -24,7 +24,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, NamedTuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError, Message
@@ -311,46 +311,56 @@ def _safe_location(location: str, base_dir: Path, tensor: TensorProto, model_sho
     return target
 
 
-def _load_external(
-    model: ModelProto,
-    base_dir: Path,
-    model_shown: str,
-    external: list[TensorProto] | None = None,
-    keep_above: int | None = None,
-) -> None:
-    """Validate every external reference, then read the data into the tensors (all of them, or with
-    ``keep_above`` only those of at most that many bytes: larger initializers stay on disk)."""
-    if external is None:
-        external = [t for t in _all_tensors(model) if _is_external(t)]
-    if not external:
-        return
-    # 1. Validate every reference before reading anything.
-    plans = []
+class _ExternalRef(NamedTuple):
+    """One validated external-data reference: where a tensor's bytes are (``length`` None: to the end)."""
+
+    tensor: TensorProto
+    location: str
+    target: Path
+    offset: int
+    length: int | None
+
+
+def _external_refs(external: Iterable[TensorProto], base_dir: Path, model_shown: str) -> list[_ExternalRef]:
+    """The reference of every external tensor, each location refused unless it is inside ``base_dir``."""
+    refs = []
     for tensor in external:
         location, offset, length = _external_info(tensor, model_shown)
         target = _safe_location(location, base_dir, tensor, model_shown)
-        plans.append((tensor, location, target, offset, length))
+        refs.append(_ExternalRef(tensor, location, target, offset, length))
+    return refs
+
+
+def _data_file_size(ref: _ExternalRef, model_shown: str) -> int:
+    """The size in bytes of ``ref``'s data file; InputError unless it is an existing regular file."""
+    try:
+        st = ref.target.stat()
+    except FileNotFoundError:
+        raise InputError(
+            f"{model_shown}: external data file {ref.location!r} of tensor {_tensor_label(ref.tensor)} "
+            "does not exist next to the model"
+        ) from None
+    except OSError as err:
+        raise InputError(
+            f"{model_shown}: cannot access external data file {ref.location!r} of tensor "
+            f"{_tensor_label(ref.tensor)}: {_os_reason(err)}"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{model_shown}: external data file {ref.location!r} of tensor {_tensor_label(ref.tensor)} "
+            "is not a regular file"
+        )
+    return st.st_size
+
+
+def _external_spans(refs: list[_ExternalRef], model_shown: str) -> list[tuple[_ExternalRef, int]]:
+    """Each reference with its byte count, checked against its file's size and the tensor's type and shape."""
     sizes: dict[Path, int] = {}
-    for tensor, location, target, offset, length in plans:
+    spans = []
+    for ref in refs:
+        tensor, location, target, offset, length = ref
         if target not in sizes:
-            try:
-                st = target.stat()
-            except FileNotFoundError:
-                raise InputError(
-                    f"{model_shown}: external data file {location!r} of tensor {_tensor_label(tensor)} "
-                    "does not exist next to the model"
-                ) from None
-            except OSError as err:
-                raise InputError(
-                    f"{model_shown}: cannot access external data file {location!r} of tensor "
-                    f"{_tensor_label(tensor)}: {_os_reason(err)}"
-                ) from None
-            if not stat.S_ISREG(st.st_mode):
-                raise InputError(
-                    f"{model_shown}: external data file {location!r} of tensor {_tensor_label(tensor)} "
-                    "is not a regular file"
-                )
-            sizes[target] = st.st_size
+            sizes[target] = _data_file_size(ref, model_shown)
         size = sizes[target]
         if offset > size or (length is not None and offset + length > size):
             end = "end of file" if length is None else f"{offset + length}"
@@ -365,22 +375,24 @@ def _load_external(
                 f"{model_shown}: external data of tensor {_tensor_label(tensor)} in {location!r} is "
                 f"{nbytes} bytes but its type and shape need {expected} bytes"
             )
-    # 2. Read.
+        spans.append((ref, nbytes))
+    return spans
+
+
+def _read_spans(spans: list[tuple[_ExternalRef, int]], model_shown: str) -> None:
+    """Read each span's bytes into its tensor as raw data (dropping the reference); returns nothing."""
     handles: dict[Path, BinaryIO] = {}
-    stays = _initializer_ids(model) if keep_above is not None else set()
     try:
-        for tensor, location, target, offset, length in plans:
-            want = sizes[target] - offset if length is None else length
-            if id(tensor) in stays and want > keep_above:  # type: ignore[operator]
-                continue
-            f = handles.get(target)
+        for ref, want in spans:
+            tensor = ref.tensor
+            f = handles.get(ref.target)
             if f is None:
-                f = handles[target] = open(target, "rb")  # noqa: SIM115 - closed in finally
-            f.seek(offset)
+                f = handles[ref.target] = open(ref.target, "rb")  # noqa: SIM115 - closed in finally
+            f.seek(ref.offset)
             data = f.read(want)
             if len(data) != want:
                 raise InputError(
-                    f"{model_shown}: external data of tensor {_tensor_label(tensor)} in {location!r} "
+                    f"{model_shown}: external data of tensor {_tensor_label(tensor)} in {ref.location!r} "
                     "ends early (the file changed while reading?)"
                 )
             tensor.raw_data = data
@@ -391,6 +403,28 @@ def _load_external(
     finally:
         for f in handles.values():
             f.close()
+
+
+def _load_external(
+    model: ModelProto,
+    base_dir: Path,
+    model_shown: str,
+    external: list[TensorProto] | None = None,
+    keep_above: int | None = None,
+) -> None:
+    """Validate every external reference, then read the data into the tensors (all of them, or with
+    ``keep_above`` only those of at most that many bytes: larger initializers stay on disk)."""
+    if external is None:
+        external = [t for t in _all_tensors(model) if _is_external(t)]
+    if not external:
+        return
+    # 1. Validate every reference before reading anything.
+    spans = _external_spans(_external_refs(external, base_dir, model_shown), model_shown)
+    # 2. Read.
+    if keep_above is not None:
+        stays = _initializer_ids(model)
+        spans = [(ref, n) for ref, n in spans if not (id(ref.tensor) in stays and n > keep_above)]
+    _read_spans(spans, model_shown)
 
 
 def _initializer_ids(model: ModelProto) -> set[int]:
@@ -420,9 +454,7 @@ def load_model(
     if load_external_data:
         _load_external(model, base_dir, shown, external, keep_external_above)
     else:
-        for tensor in external:
-            location, _offset, _length = _external_info(tensor, shown)
-            _safe_location(location, base_dir, tensor, shown)
+        _external_refs(external, base_dir, shown)
     return model
 
 
@@ -509,21 +541,18 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
     return f"node #{index} ({node.op_type})"
 
 
-def _check_graph(graph: GraphProto, scopes: list[set[str]], where: str, depth: int) -> set[str]:
-    """Validate one graph; return the outer-scope names it (and its subgraphs) use."""
-    if depth > _MAX_SUBGRAPH_DEPTH:
-        raise InputError(f"subgraphs are nested more than {_MAX_SUBGRAPH_DEPTH} levels deep{where}")
+def _in_scopes(name: str, scopes: list[set[str]]) -> bool:
+    """Whether ``name`` is defined in one of the (outer) ``scopes``."""
+    return any(name in s for s in scopes)
 
-    def in_outer(name: str) -> bool:
-        return any(name in s for s in scopes)
 
-    defined: set[str] = set()
+def _graph_sources(graph: GraphProto, where: str) -> tuple[set[str], set[str]]:
+    """The graph's input names and initializer names (dense and sparse); InputError on a duplicate."""
     input_names: set[str] = set()
     for vi in graph.input:
         if vi.name in input_names:
             raise InputError(f"duplicate graph input name {vi.name!r}{where}")
         input_names.add(vi.name)
-    defined |= input_names
     init_names: set[str] = set()
     for t in graph.initializer:
         if t.name in init_names:
@@ -534,10 +563,18 @@ def _check_graph(graph: GraphProto, scopes: list[set[str]], where: str, depth: i
         if name in init_names:
             raise InputError(f"duplicate initializer name {name!r}{where}")
         init_names.add(name)
-    defined |= init_names
+    return input_names, init_names
 
+
+def _producers(
+    nodes: Sequence[onnx.NodeProto],
+    input_names: set[str],
+    init_names: set[str],
+    scopes: list[set[str]],
+    where: str,
+) -> dict[str, int]:
+    """The index of the node producing each tensor name; InputError on a name defined twice."""
     producer: dict[str, int] = {}
-    nodes = graph.node
     for i, node in enumerate(nodes):
         for out in node.output:
             if not out:
@@ -552,31 +589,49 @@ def _check_graph(graph: GraphProto, scopes: list[set[str]], where: str, depth: i
                     f"duplicate tensor name {out!r}: produced by {_node_label(nodes[other], other)} and "
                     f"{_node_label(node, i)}{where}"
                 )
-            if out in defined:
+            if out in input_names or out in init_names:
                 kind = "graph input" if out in input_names else "initializer"
                 raise InputError(
                     f"duplicate tensor name {out!r}: output of {_node_label(node, i)} is also a {kind}{where}"
                 )
-            if in_outer(out):
+            if _in_scopes(out, scopes):
                 raise InputError(
                     f"duplicate tensor name {out!r}: output of {_node_label(node, i)} redefines a name "
                     f"from an outer graph{where}"
                 )
             producer[out] = i
-    defined.update(producer)
+    return producer
 
+
+def _subgraph_uses(
+    node: onnx.NodeProto, index: int, inner_scopes: list[set[str]], where: str, depth: int
+) -> list[str]:
+    """Validate the node's subgraphs; the outer-scope names they use, subgraph by subgraph."""
+    used: list[str] = []
+    for attr in node.attribute:
+        subs = list(_attr_graphs(attr))
+        for k, sub in enumerate(subs):
+            tag = attr.name if len(subs) == 1 else f"{attr.name}[{k}]"
+            sub_where = f" in subgraph {tag!r} of {_node_label(node, index)}{where}"
+            used.extend(_check_graph(sub, inner_scopes, sub_where, depth + 1))
+    return used
+
+
+def _node_uses(
+    nodes: Sequence[onnx.NodeProto],
+    producer: dict[str, int],
+    defined: set[str],
+    scopes: list[set[str]],
+    where: str,
+    depth: int,
+) -> tuple[list[list[int]], set[str]]:
+    """Each node's producers (explicit and implicit inputs via subgraphs) and the outer-scope names used."""
     free: set[str] = set()
-    # preds[i]: the producers of node i's inputs (explicit and implicit via subgraphs).
     preds: list[list[int]] = [[] for _ in range(len(nodes))]
     inner_scopes = [*scopes, defined]
     for i, node in enumerate(nodes):
         used: list[str] = [name for name in node.input if name]
-        for attr in node.attribute:
-            subs = list(_attr_graphs(attr))
-            for k, sub in enumerate(subs):
-                tag = attr.name if len(subs) == 1 else f"{attr.name}[{k}]"
-                sub_where = f" in subgraph {tag!r} of {_node_label(node, i)}{where}"
-                used.extend(_check_graph(sub, inner_scopes, sub_where, depth + 1))
+        used.extend(_subgraph_uses(node, i, inner_scopes, where, depth))
         seen: set[int] = set()
         for name in used:
             j = producer.get(name)
@@ -586,27 +641,46 @@ def _check_graph(graph: GraphProto, scopes: list[set[str]], where: str, depth: i
                     preds[i].append(j)
             elif name in defined:
                 continue
-            elif in_outer(name):
+            elif _in_scopes(name, scopes):
                 free.add(name)
             else:
                 raise InputError(
                     f"{_node_label(node, i)} uses tensor {name!r} that no node, graph input or "
                     f"initializer defines{where}"
                 )
+    return preds, free
 
+
+def _outer_outputs(
+    graph: GraphProto, defined: set[str], scopes: list[set[str]], where: str, depth: int
+) -> list[str]:
+    """The graph outputs taken from an outer scope (subgraphs only); InputError if none or one is undefined."""
     if len(graph.output) == 0:
         raise InputError(f"the graph has no outputs{where}")
+    outer: list[str] = []
     for vi in graph.output:
         if vi.name in defined:
             continue
-        if depth > 0 and in_outer(vi.name):
-            free.add(vi.name)
+        if depth > 0 and _in_scopes(vi.name, scopes):
+            outer.append(vi.name)
             continue
         raise InputError(
             f"graph output {vi.name!r} is not produced by any node, graph input or initializer{where}"
         )
+    return outer
 
-    _check_acyclic(nodes, preds, where)
+
+def _check_graph(graph: GraphProto, scopes: list[set[str]], where: str, depth: int) -> set[str]:
+    """Validate one graph; return the outer-scope names it (and its subgraphs) use."""
+    if depth > _MAX_SUBGRAPH_DEPTH:
+        raise InputError(f"subgraphs are nested more than {_MAX_SUBGRAPH_DEPTH} levels deep{where}")
+    input_names, init_names = _graph_sources(graph, where)
+    producer = _producers(graph.node, input_names, init_names, scopes, where)
+    defined = input_names | init_names
+    defined.update(producer)
+    preds, free = _node_uses(graph.node, producer, defined, scopes, where, depth)
+    free.update(_outer_outputs(graph, defined, scopes, where, depth))
+    _check_acyclic(graph.node, preds, where)
     return free
 
 
@@ -994,6 +1068,98 @@ def _remove(paths: list[str]) -> None:
     paths.clear()
 
 
+def _streams_external(model: ModelProto, out: Path, source: Path | None) -> bool:
+    """Whether some tensor still references external data to copy from ``source``; InputError if one cannot be saved."""
+    streams = False
+    for tensor in _all_tensors(model):
+        if not _is_external(tensor):
+            continue
+        has_location = any(e.key == "location" and e.value for e in tensor.external_data)
+        if source is not None and has_location:
+            streams = True
+            continue
+        if not has_location:
+            raise InputError(
+                f"cannot write {out}: tensor {_tensor_label(tensor)} is marked as external data "
+                "but has no location"
+            )
+        raise InputError(
+            f"cannot write {out}: tensor {_tensor_label(tensor)} still references external data "
+            "that was not loaded; load the model with its external data first"
+        )
+    return streams
+
+
+def _save_plan(
+    model: ModelProto, out: Path, external_data: bool | None, source: Path | None
+) -> tuple[bool, bytes | None]:
+    """Whether to write external data, and the model's bytes when the automatic size check made them."""
+    if _streams_external(model, out, source):
+        return True, None
+    if external_data is None:
+        blob = serialized_below(model, _AUTO_EXTERNAL_BYTES + 1)
+        return blob is None, blob
+    return external_data, None
+
+
+def _new_temp(directory: Path, name: str, temps: list[str]) -> tuple[int, str]:
+    """A new temporary file for ``name`` in ``directory``, recorded in ``temps``: its fd and path."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+    temps.append(tmp)
+    return fd, tmp
+
+
+def _write_data_temp(
+    model: ModelProto, out: Path, size_threshold: int, source: Path | None, temps: list[str]
+) -> tuple[bytes, str | None]:
+    """The model's bytes and the temporary data file written for them (None, and removed, if empty)."""
+    data_name = out.name + ".data"
+    fd, data_tmp = _new_temp(out.parent, data_name, temps)
+    blob, written = _write_external(model, out, data_name, size_threshold, fd, source)
+    if written == 0:
+        _remove([data_tmp])
+        temps.remove(data_tmp)
+        return blob, None
+    os.chmod(data_tmp, _file_mode_for(out.parent / data_name))
+    return blob, data_tmp
+
+
+def _rename_into_place(tmp: str, data_tmp: str | None, out: Path, temps: list[str]) -> None:
+    """Rename the data file, then the model file onto their final names; returns nothing."""
+    if data_tmp is not None:
+        data_path = out.parent / (out.name + ".data")
+        os.replace(data_tmp, data_path)
+        temps.remove(data_tmp)
+        # If the model rename below fails, the data file placed here is removed too.
+        temps.append(str(data_path))
+    os.replace(tmp, out)
+    temps.clear()
+    _fsync_dir(out.parent)
+
+
+def _write_files(
+    model: ModelProto,
+    out: Path,
+    blob: bytes | None,
+    external: bool,
+    size_threshold: int,
+    source: Path | None,
+    temps: list[str],
+) -> None:
+    """Write the model (and its data file) through temporaries listed in ``temps``; returns nothing."""
+    mode = _file_mode_for(out)
+    data_tmp = None
+    if external:
+        blob, data_tmp = _write_data_temp(model, out, size_threshold, source, temps)
+    elif blob is None:
+        blob = _serialize(model, out)
+    fd, tmp = _new_temp(out.parent, out.name, temps)
+    _write_and_sync(fd, blob)
+    del blob
+    os.chmod(tmp, mode)
+    _rename_into_place(tmp, data_tmp, out, temps)
+
+
 def save_model(
     model: ModelProto,
     path: PathLike,
@@ -1029,61 +1195,11 @@ def save_model(
     otherwise InputError.
     """
     out = Path(os.path.abspath(os.fspath(path)))
-    directory = out.parent
     source = Path(os.fspath(external_source)) if external_source is not None else None
-    for tensor in _all_tensors(model):
-        if _is_external(tensor):
-            if source is not None and any(e.key == "location" and e.value for e in tensor.external_data):
-                external_data = True
-                continue
-            if not any(e.key == "location" and e.value for e in tensor.external_data):
-                raise InputError(
-                    f"cannot write {out}: tensor {_tensor_label(tensor)} is marked as external data "
-                    "but has no location"
-                )
-            raise InputError(
-                f"cannot write {out}: tensor {_tensor_label(tensor)} still references external data "
-                "that was not loaded; load the model with its external data first"
-            )
-    blob: bytes | None = None
-    if external_data is None:
-        blob = serialized_below(model, _AUTO_EXTERNAL_BYTES + 1)
-        external_data = blob is None
-
+    external, blob = _save_plan(model, out, external_data, source)
     temps: list[str] = []
-
-    def new_temp(name: str) -> tuple[int, str]:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
-        temps.append(tmp)
-        return fd, tmp
-
     try:
-        mode = _file_mode_for(out)
-        data_tmp = None
-        if external_data:
-            data_name = out.name + ".data"
-            data_path = directory / data_name
-            fd, data_tmp = new_temp(data_name)
-            blob, written = _write_external(model, out, data_name, size_threshold, fd, source)
-            if written == 0:
-                _remove(temps)
-                data_tmp = None
-            else:
-                os.chmod(data_tmp, _file_mode_for(data_path))
-        elif blob is None:
-            blob = _serialize(model, out)
-        fd, tmp = new_temp(out.name)
-        _write_and_sync(fd, blob)
-        del blob
-        os.chmod(tmp, mode)
-        if data_tmp is not None:
-            os.replace(data_tmp, data_path)
-            temps.remove(data_tmp)
-            # If the model rename below fails, the data file placed here is removed too.
-            temps.append(str(data_path))
-        os.replace(tmp, out)
-        temps.clear()
-        _fsync_dir(directory)
+        _write_files(model, out, blob, external, size_threshold, source, temps)
     except InputError:
         _remove(temps)
         raise

@@ -454,8 +454,9 @@ class ModelGraph:
 
 
 def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
-    """Rebuild ``gp``'s node list from ``g`` (kept nodes by their import index) and its
-    value_info (entries of tensors no longer defined go; new typed tensors get one)."""
+    """Write ``gp``'s node list from ``g`` (kept nodes by their import index, in place when
+    :func:`_compacts`, else rebuilt) and its value_info (entries of tensors no longer defined go;
+    new typed tensors get one)."""
     new_protos: dict[int, onnx.NodeProto] = {}  # built before any NodeProto moves
     added: dict[str, ir.Constant] = {}
     typed: list[ir.Tensor] = []
@@ -492,20 +493,10 @@ def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
 
 
 def _compacts(nodes: list[ir.Node]) -> bool:
-    """True when the new node list can be written over the old one front to back: kept nodes
-    in their import order, and no node lands on the slot of a kept node not yet moved."""
-    limit = 1 << 62  # the slot of the next kept node, seen from the end
-    lands: list[int] = []
-    for node in reversed(nodes):
-        lands.append(limit)
-        if node.index >= 0:
-            if node.index >= limit:
-                return False
-            limit = node.index
-    for w, (node, bound) in enumerate(zip(nodes, reversed(lands), strict=True)):
-        if (w > node.index) if node.index >= 0 else (w >= bound):
-            return False
-    return True
+    """True when the new node list can be written over the old one front to back: no kept node
+    moves backwards. Writing slot ``w`` then only ever destroys a NodeProto that was already
+    copied, or one no kept node reads (a later kept node reading slot ``w`` would move back)."""
+    return all(node.index < 0 or w <= node.index for w, node in enumerate(nodes))
 
 
 def _compact_nodes(nodes: list[ir.Node], gp: onnx.GraphProto, new_protos: dict[int, onnx.NodeProto]) -> None:

@@ -1140,13 +1140,14 @@ def _rename_into_place(tmp: str, data_tmp: str | None, out: Path, temps: list[st
 def _write_files(
     model: ModelProto,
     out: Path,
-    blob: bytes | None,
-    external: bool,
+    external_data: bool | None,
     size_threshold: int,
     source: Path | None,
     temps: list[str],
 ) -> None:
-    """Write the model (and its data file) through temporaries listed in ``temps``; returns nothing."""
+    """Write the model (and its data file) through temporaries listed in ``temps``; returns nothing.
+    The model's bytes live only here, and go before the renames."""
+    external, blob = _save_plan(model, out, external_data, source)
     mode = _file_mode_for(out)
     data_tmp = None
     if external:
@@ -1196,10 +1197,9 @@ def save_model(
     """
     out = Path(os.path.abspath(os.fspath(path)))
     source = Path(os.fspath(external_source)) if external_source is not None else None
-    external, blob = _save_plan(model, out, external_data, source)
     temps: list[str] = []
     try:
-        _write_files(model, out, blob, external, size_threshold, source, temps)
+        _write_files(model, out, external_data, size_threshold, source, temps)
     except InputError:
         _remove(temps)
         raise

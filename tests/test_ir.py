@@ -255,7 +255,7 @@ def test_export_writes_any_new_node_list(seed: int, consume: bool) -> None:
     g = mg.graph
     kept = [n for n in g.nodes if rng.random() < 0.6]
     if seed % 4 == 0:
-        rng.shuffle(kept)  # out of import order: the rebuild
+        rng.shuffle(kept)  # out of import order (a kept node moving back is rebuilt)
     new_list: list[ir.Node] = []
     for i, node in enumerate(kept):
         for j in range(int(rng.integers(0, 3)) if rng.random() < 0.4 else 0):

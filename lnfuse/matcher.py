@@ -33,6 +33,11 @@ from lnfuse import views as V
 from lnfuse.graph import FLOAT_TYPES, GraphView, ModelGraph, node_label
 
 MAX_EVAL = 64
+# The walker's constant caches (float64 copies of the constants walks read) are cleared when they
+# reach this many entries: walks of one block read its own gamma/beta, so a model-wide cache only
+# grows (about 2 KB a block), while the constants that blocks share (eps, exponents) are refilled
+# at once.
+CONST_CACHE_LIMIT = 4096
 ALGEBRA_OPS = frozenset(
     {
         "Identity",
@@ -453,6 +458,8 @@ class Walker:
     def _const(self, t: ir.Tensor) -> S.Sym | None:
         key = id(t)
         if key not in self._const_sym:
+            if len(self._const_sym) >= CONST_CACHE_LIMIT:
+                self._const_sym.clear()
             val = self.mg.const_value(t)
             if val is None or val.dtype.kind not in "fiub":
                 self._const_sym[key] = None
@@ -1078,6 +1085,8 @@ class Walker:
         key = id(t)
         if key in self._const_keys:
             return self._const_keys[key]
+        if len(self._const_keys) >= CONST_CACHE_LIMIT:
+            self._const_keys.clear()
         v = self.mg.const_value(t)
         out = None
         if v is not None:

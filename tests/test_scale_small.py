@@ -82,3 +82,20 @@ def test_small_transformer_is_fused() -> None:
     feed = make_input(gen.model, seed=5)
     a, b = _run(gen.model, feed), _run(result.model, feed)
     assert float(np.max(np.abs(a - b))) <= 1e-4 * max(1.0, float(np.max(np.abs(a))))
+
+
+def test_bounded_constant_caches_change_nothing(
+    chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walker's constant caches are cleared when full: with room for only a few entries (cleared
+    many times a model), the chain fuses to the same bytes and the same report."""
+    from lnfuse import matcher
+
+    model, result = chain
+    monkeypatch.setattr(matcher, "CONST_CACHE_LIMIT", 3)
+    small = lnfuse.optimize(model)
+    assert small.model.SerializeToString(deterministic=True) == result.model.SerializeToString(
+        deterministic=True
+    )
+    assert small.report.matches == result.report.matches
+    assert small.report.refusals == result.report.refusals

@@ -252,6 +252,7 @@ def _finish(
     # instead of being copied (see ModelGraph.export). A failure below re-reads the input.
     consume = not isinstance(model, onnx.ModelProto)
     out = mg.export(consume=consume)
+    mg.release()
     consumed = out is proto
 
     def original() -> onnx.ModelProto:

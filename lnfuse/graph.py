@@ -452,6 +452,29 @@ class ModelGraph:
             _drop_unused(g, gp, self._overridable if view.parent is None else set())
         return target
 
+    def release(self) -> None:
+        """Free the graph objects once the model is exported (the ModelProto holds the result).
+
+        Nodes and tensors link each other both ways. Cutting each node's links lets reference
+        counting free them all at once instead of leaving them to the cyclic GC (which the command
+        line runs without), so their memory is back before the output is checked. The ModelGraph
+        and its nodes' links are unusable afterwards.
+        """
+        for view in self.views:
+            for node in view.graph.nodes:
+                node.inputs = []
+                node.outputs = []
+        self.views = []
+        self._node_view = {}
+        self._loop_invariant = {}
+        self._all_output_ids = set()
+        self._const_cache.clear()
+        self._derived.clear()
+        self._dtype_cache.clear()
+        self._shape_table = None
+        self._names = None
+        del self.graph
+
 
 def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
     """Write ``gp``'s node list from ``g`` (kept nodes by their import index, in place when

@@ -349,3 +349,46 @@ def test_the_walk_enters_exactly_the_ops_it_evaluates() -> None:
     from lnfuse import matcher
 
     assert frozenset(matcher._EVALUATORS) == matcher.ALGEBRA_OPS
+
+
+def test_release_frees_the_graph_without_the_cyclic_gc() -> None:
+    """After export, release() cuts the node <-> tensor links, so reference counting alone frees
+    every node and tensor (the command line runs with the cyclic GC off); the export is unaffected."""
+    import gc
+    import weakref
+
+    model = onnx.load(str(ROOT / "models" / "exported" / "transformer_block_opset14.onnx"))
+    before = model.SerializeToString()
+    mg = ModelGraph(model)
+    refs = [weakref.ref(o) for v in mg.views for n in v.graph.nodes for o in (n, *n.inputs, *n.outputs)]
+    assert len(refs) > 50
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        out = mg.export(consume=False)
+        mg.release()
+        assert not mg.views
+        alive = sum(r() is not None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive == 0
+    assert out.SerializeToString() == before  # nothing was rewritten: the same model
+
+
+def test_report_records_own_their_strings() -> None:
+    """Records copy the names they are given: a report must not keep the graph's own string
+    objects (which would pin the graph's memory after release)."""
+    from lnfuse.report import AnchorRecord, Group, MatchRecord, RefusalRecord
+
+    def fresh(s: str) -> str:
+        return "".join(["", *s])  # built, so not interned or shared
+
+    name, label = fresh("layer.0/ln_out"), fresh("layer.0/ReduceMean")
+    m = MatchRecord("LayerNormalization", "p", "main", name, name, (label,), 1e-5, -1, 1, (8,), ())
+    r = RefusalRecord("why", (label,), label, "main", "layer-norm")
+    a = AnchorRecord("ReduceMean", label, "main", "why")
+    g = Group("d", 1, "main", (name,))
+    for kept in (m.output, m.input, m.nodes[0], r.nodes[0], r.anchor, a.anchor, g.outputs[0]):
+        assert kept in (name, label)
+        assert kept is not name and kept is not label

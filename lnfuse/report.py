@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lnfuse.symbolic import Flag
@@ -18,12 +18,12 @@ def _own(record: object) -> None:
     hundred bytes all over the allocator's 1 MiB arenas, would keep every arena of the graph
     allocated through the output check and the save (about 60 MiB on a 110k-node model).
     """
-    for f in fields(record):  # type: ignore[arg-type]
-        value = getattr(record, f.name)
-        if isinstance(value, str):
-            object.__setattr__(record, f.name, _copy(value))
-        elif isinstance(value, tuple) and value and isinstance(value[0], str):
-            object.__setattr__(record, f.name, tuple(_copy(v) if isinstance(v, str) else v for v in value))
+    for name in record.__dataclass_fields__:  # type: ignore[attr-defined]
+        value = getattr(record, name)
+        if type(value) is str:
+            object.__setattr__(record, name, _copy(value))
+        elif type(value) is tuple and value and type(value[0]) is str:
+            object.__setattr__(record, name, tuple(_copy(v) if type(v) is str else v for v in value))
 
 
 def _copy(s: str) -> str:

@@ -474,6 +474,7 @@ class ModelGraph:
         self._shape_table = None
         self._names = None
         del self.graph
+        del self.model
 
 
 def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:

@@ -35,6 +35,7 @@ from lnfuse.protos import copy_fields, is_repeated, iter_graphs, serialized_belo
 
 __all__ = [
     "checker_problem",
+    "checker_problem_at",
     "default_output_path",
     "file_digest",
     "has_external_data",
@@ -734,30 +735,48 @@ def validate_structure(model: ModelProto) -> None:
     _check_graph(model.graph, [], "", 0)
 
 
-def checker_problem(model: ModelProto, serialized: bytes | None = None) -> str | None:
+def checker_problem(model: ModelProto) -> str | None:
     """Run ``onnx.checker.check_model(full_check=True)``; the first line of the error, or None.
 
-    ``serialized``: the model's bytes when the caller has them. Models too large to serialize
-    in one protobuf (about 2 GB) are checked through a temporary copy saved with external data.
+    The model is checked from a temporary file (:func:`checker_problem_at`). Models too large
+    to serialize in one protobuf (about 2 GB) are saved there with external data.
     """
-    if serialized is None:
-        serialized = serialized_below(model, _AUTO_EXTERNAL_BYTES)
-    try:
-        if serialized is not None:
-            onnx.checker.check_model(serialized, full_check=True)
-        else:
-            with tempfile.TemporaryDirectory(prefix="lnfuse-check-") as tmp:
-                path = Path(tmp) / "model.onnx"
+    with tempfile.TemporaryDirectory(prefix="lnfuse-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        if not write_below(model, path, _AUTO_EXTERNAL_BYTES):
+            try:
                 save_model(model, path, external_data=True)
-                onnx.checker.check_model(str(path), full_check=True)
-    except InputError as err:
-        return str(err)
+            except InputError as err:
+                return str(err)
+        return checker_problem_at(path)
+
+
+def checker_problem_at(path: PathLike) -> str | None:
+    """``checker_problem`` of the model file at ``path``.
+
+    Given a ModelProto or its bytes, onnx's full check parses the model and then copies it
+    whole before shape inference; given a path it does neither copy in Python and checks the
+    model it parsed (110k-node chain, fused: 79 MiB over the import instead of 129 MiB).
+    """
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as err:
         for line in str(err).splitlines():
             if line.strip():
                 return line.strip()
         return type(err).__name__
     return None
+
+
+def write_below(model: ModelProto, path: PathLike, limit: int) -> bool:
+    """Write ``model`` to ``path`` in one piece when it serializes to fewer than ``limit`` bytes
+    (False, nothing written, otherwise). The bytes live only here."""
+    data = serialized_below(model, limit)
+    if data is None:
+        return False
+    with open(path, "wb") as f:
+        f.write(data)
+    return True
 
 
 # --------------------------------------------------------------------------- output paths

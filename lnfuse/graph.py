@@ -67,6 +67,10 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 
 
 _BIG_TENSOR = 1 << 20  # bytes: initializers above this are exported without an intermediate copy
+# const_value's cache is cleared when it holds this many values: each block of a model reads its
+# own gamma / beta (a model-wide cache only grows: 10 MiB on the 110k-node chain), while the
+# constants blocks share are read again at once.
+CONST_CACHE_LIMIT = 4096
 _FOLDABLE = frozenset(
     {"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Shape", "Gather", "ReduceProd"}
     | {"Add", "Sub", "Mul", "Div", "Neg", "CastLike"}
@@ -94,14 +98,12 @@ class GraphView:
     inserted: dict[int, list[ir.Node]] = field(default_factory=dict)
     maybe_dead: set[int] = field(default_factory=set)
 
-    position: dict[int, int] = field(default_factory=dict)
-
     def index(self) -> None:
+        """The op-type index, and each node's place (``pos``) and view (``scope``)."""
         self.nodes_by_op = {}
-        self.position = {}
         for i, node in enumerate(self.graph.nodes):
             self.nodes_by_op.setdefault(node.op, []).append(node)
-            self.position[id(node)] = i
+            node.pos, node.scope = i, self
         self.output_ids = {id(t) for t in self.graph.outputs}
 
 
@@ -112,7 +114,6 @@ class ModelGraph:
         self.model = model
         self.graph: ir.Graph = ir.import_model(model)
         self.views: list[GraphView] = []
-        self._node_view: dict[int, GraphView] = {}
         self._const_cache: dict[int, np.ndarray | None] = {}
         self._dtype_cache: dict[int, int] = {}
         self._derived: dict[int, tuple[Dim, ...] | None] = {}
@@ -135,7 +136,6 @@ class ModelGraph:
     def reindex(self) -> None:
         """(Re)build the per-graph indexes; call after a pass committed its rewrites."""
         self.views = []
-        self._node_view = {}
         self._loop_invariant: dict[int, ir.Tensor] = {}  # body input id -> the outer initial value
         stack: list[tuple[ir.Graph, str, GraphView | None]] = [(self.graph, "main", None)]
         while stack:
@@ -143,9 +143,7 @@ class ModelGraph:
             view = GraphView(graph=g, path=path, parent=parent)
             view.index()
             self.views.append(view)
-            node_view = self._node_view
             for node in g.nodes:
-                node_view[id(node)] = view
                 if node._attrs is None:
                     continue  # attributes not decoded: no body (bodies are imported with their node)
                 for attr_name, sub in ir.bodies(node):
@@ -158,8 +156,9 @@ class ModelGraph:
         self._derived.clear()
         self._dtype_cache.clear()
 
-    def view_of(self, node: ir.Node) -> GraphView | None:
-        return self._node_view.get(id(node))
+    @staticmethod
+    def view_of(node: ir.Node) -> GraphView | None:
+        return node.scope  # type: ignore[return-value]
 
     def node_count(self) -> int:
         return sum(len(v.graph.nodes) for v in self.views)
@@ -201,6 +200,8 @@ class ModelGraph:
                 value = _constant_node_value(node)
             elif not node.domain and node.inputs and node.op in _FOLDABLE:
                 value = self._fold(node, _depth)
+        if len(self._const_cache) >= CONST_CACHE_LIMIT:
+            self._const_cache.clear()
         self._const_cache[key] = value
         return value
 
@@ -354,7 +355,7 @@ class ModelGraph:
                 continue
             src = producers[0] if producers else None
             if src is not None:
-                owner = self._node_view.get(id(src))
+                owner = src.scope
                 if owner is not None:
                     owner.maybe_dead.add(id(src))
             self._stale[id(t)] = t
@@ -373,9 +374,8 @@ class ModelGraph:
         list.clear(node.outputs)
 
     def flush(self) -> None:
-        """Drop detached nodes from the consumer lists of the tensors they read."""
-        if not self._stale:
-            return
+        """Drop detached nodes from the consumer lists of the tensors they read, and forget them
+        (a detached node that reads nothing, a Constant, leaves no list to repair)."""
         gone = self._detached
         for t in self._stale.values():
             consumers = t.outputs
@@ -390,6 +390,7 @@ class ModelGraph:
         """Apply scheduled rewrites in every graph, in one linear sweep each. Returns graphs changed."""
         changed = 0
         self.flush()
+        left: list[ir.Node] = []  # the nodes that leave the graphs
         for view in reversed(self.views):  # bodies before the graphs that own them
             if not view.removed and not view.inserted and not view.maybe_dead:
                 continue
@@ -400,6 +401,7 @@ class ModelGraph:
                 if key in view.inserted:
                     new_list.extend(view.inserted[key])
                 if key in view.removed:
+                    left.append(node)
                     continue
                 new_list.append(node)
             # Producers left without consumers by a rewrite go too, transitively (reverse order:
@@ -418,6 +420,7 @@ class ModelGraph:
                         continue
                     dead.add(key)
                     self._unlink(node)
+                left += [n for n in new_list if id(n) in dead]
                 new_list = [n for n in new_list if id(n) not in dead]
             view.graph.nodes = new_list
             view.graph.dirty = True
@@ -425,6 +428,7 @@ class ModelGraph:
             view.inserted = {}
             view.maybe_dead = set()
         self.flush()
+        _cut(left)
         if changed:
             self.reindex()
         return changed
@@ -464,8 +468,8 @@ class ModelGraph:
             for node in view.graph.nodes:
                 node.inputs = []
                 node.outputs = []
+                node.scope = None
         self.views = []
-        self._node_view = {}
         self._loop_invariant = {}
         self._all_output_ids = set()
         self._const_cache.clear()
@@ -475,6 +479,16 @@ class ModelGraph:
         self._names = None
         del self.graph
         del self.model
+
+
+def _cut(nodes: list[ir.Node]) -> None:
+    """Cut removed nodes' links: a region's inner tensors still name their producer and readers
+    (see ``_unlink``), so a removed region is a reference cycle, which the command line (no
+    cyclic GC) would keep for good, with its view and through it the whole graph."""
+    for node in nodes:
+        node.inputs = []
+        node.outputs = []
+        node.scope = None
 
 
 def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:

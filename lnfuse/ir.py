@@ -167,12 +167,29 @@ def tensor_array(value: object) -> np.ndarray:
     return proto_array(value)  # type: ignore[arg-type]
 
 
+UNPLACED = 1 << 60  # Node.pos of a node no graph index has placed yet (after every placed one)
+
+
 class Node:
     """One operator. ``index``: its position in the GraphProto it was imported from (-1 for a
     rewrite's new node); ``proto``: that NodeProto, looked up when needed (not held: 110k protobuf
-    wrappers would be 110k more objects for the cyclic GC to scan)."""
+    wrappers would be 110k more objects for the cyclic GC to scan). ``pos`` and ``scope``: its
+    place in its graph's node list and that graph's view, kept by the graph layer's index
+    (``graph.GraphView.index``; two dicts keyed by node would cost 17 MiB on 110k nodes)."""
 
-    __slots__ = ("__weakref__", "_attrs", "_src", "domain", "index", "inputs", "name", "op", "outputs")
+    __slots__ = (
+        "__weakref__",
+        "_attrs",
+        "_src",
+        "domain",
+        "index",
+        "inputs",
+        "name",
+        "op",
+        "outputs",
+        "pos",
+        "scope",
+    )
 
     def __init__(
         self,
@@ -188,6 +205,8 @@ class Node:
         self.domain = domain
         self._src: onnx.GraphProto | None = None
         self.index = -1
+        self.pos = UNPLACED
+        self.scope: object = None
         self._attrs: dict[str, object] | None = dict(attrs) if attrs else {}
         self.inputs: list[Tensor] = list(inputs or ())
         self.outputs: list[Tensor] = list(outputs or ())
@@ -332,6 +351,7 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
         node.domain = p.domain if p.HasField("domain") else None
         node._src = gp
         node.index = i
+        node.pos, node.scope = UNPLACED, None
         node._attrs = None
         if len(p.attribute) and (
             p.op_type in _CONTROL_FLOW or any(a.type in _GRAPH_ATTRS for a in p.attribute)

@@ -264,8 +264,7 @@ class NormRule:
         replaced = [*cand.nodes, *(n for n in params.extent.suffix if n.op != "Shape"), *cand.side_nodes]
         # The new nodes read only the source (defined before the match) and initializers, and
         # must come before every reader of the outputs: the first replaced node's place suits.
-        position = cand.view.position
-        anchor = min(replaced, key=lambda n: position.get(id(n), 1 << 60))
+        anchor = min(replaced, key=lambda n: n.pos if n.scope is cand.view else ir.UNPLACED)
         scale_t = _find_const(cand, params.scale_source)
         bias_t = _find_const(cand, params.bias_source)
         side = list(cand.side_outputs) if params.side_flatten_axis is not None else None

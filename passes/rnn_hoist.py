@@ -536,8 +536,7 @@ def _dead(mg: ModelGraph, node: ir.Node) -> bool:
 def _rewrite(mg: ModelGraph, plan: _Plan) -> str:
     """Replace the group's per-step MatMul [+ Add] + LN by one hoisted chain; the report line."""
     view, members = plan.view, plan.members
-    pos = view.position
-    anchor_m = min(members, key=lambda m: pos[id(m.ln)])
+    anchor_m = min(members, key=lambda m: m.ln.pos)
     anchor = anchor_m.ln
     assert anchor is not None
     base = plan.source.name or "seq"

@@ -376,6 +376,35 @@ def test_release_frees_the_graph_without_the_cyclic_gc() -> None:
     assert out.SerializeToString() == before  # nothing was rewritten: the same model
 
 
+def test_commit_frees_the_removed_nodes_without_the_cyclic_gc() -> None:
+    """A fused region's inner tensors still name their producer and readers after the rewrite:
+    commit cuts the removed nodes' links, so reference counting frees them (a removed node also
+    names its view, which would keep the whole graph)."""
+    import gc
+    import weakref
+
+    from lnfuse.passes import DEFAULT_PASSES
+
+    from lnfuse.pipeline import PassContext
+    from lnfuse.report import Report
+
+    model = onnx.load(str(ROOT / "models" / "exported" / "transformer_block_opset14.onnx"))
+    mg = ModelGraph(model)
+    refs = [weakref.ref(n) for v in mg.views for n in v.graph.nodes]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _mg, changed = DEFAULT_PASSES[0]()(mg, PassContext(report=Report(), verify=False))
+        kept = {id(n) for v in mg.views for n in v.graph.nodes}
+        removed = [r for r in refs if r() is None or id(r()) not in kept]
+        alive = sum(r() is not None for r in removed)
+    finally:
+        if enabled:
+            gc.enable()
+    assert changed and len(removed) >= 8
+    assert alive == 0
+
+
 def test_report_records_own_their_strings() -> None:
     """Records copy the names they are given: a report must not keep the graph's own string
     objects (which would pin the graph's memory after release)."""

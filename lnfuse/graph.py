@@ -94,7 +94,7 @@ class GraphView:
     parent: GraphView | None
     nodes_by_op: dict[str, list[ir.Node]] = field(default_factory=dict)
     output_ids: set[int] = field(default_factory=set)
-    removed: set[int] = field(default_factory=set)
+    removed: list[ir.Node] = field(default_factory=list)  # detached, leaving at the next commit
     inserted: dict[int, list[ir.Node]] = field(default_factory=dict)
     maybe_dead: set[int] = field(default_factory=set)
 
@@ -122,9 +122,7 @@ class ModelGraph:
         self._shape_table: dict[str, tuple[int, tuple[Dim, ...] | None]] | None = None
         self._names: set[str] | None = None
         self._counter = 0
-        # Detached nodes (kept alive until flushed, so their ids stay unique) and the tensors
-        # whose consumer lists still name them.
-        self._detached: dict[int, ir.Node] = {}
+        # The tensors whose consumer lists still name detached nodes.
         self._stale: dict[int, ir.Tensor] = {}
         self.reindex()
         # Dead nodes would read tensors a rewrite removes; drop them (the model is only
@@ -322,8 +320,7 @@ class ModelGraph:
         ``anchor`` must be the last of ``nodes`` in graph order, so every input
         of the new nodes is defined before that position.
         """
-        for n in nodes:
-            view.removed.add(id(n))
+        view.removed.extend(nodes)
         view.inserted.setdefault(id(anchor), []).extend(new_nodes)
 
     def detach(self, nodes: Iterable[ir.Node]) -> None:
@@ -359,7 +356,7 @@ class ModelGraph:
                 if owner is not None:
                     owner.maybe_dead.add(id(src))
             self._stale[id(t)] = t
-        self._detached[id(node)] = node
+        node.detached = True
         list.clear(node.inputs)
         for t in node.outputs:
             if region is not None and id(t) not in outputs and all(id(c) in region for c in t.outputs):
@@ -374,17 +371,14 @@ class ModelGraph:
         list.clear(node.outputs)
 
     def flush(self) -> None:
-        """Drop detached nodes from the consumer lists of the tensors they read, and forget them
-        (a detached node that reads nothing, a Constant, leaves no list to repair)."""
-        gone = self._detached
+        """Drop detached nodes from the consumer lists of the tensors they read."""
         for t in self._stale.values():
             consumers = t.outputs
-            kept = [c for c in consumers if id(c) not in gone]
+            kept = [c for c in consumers if not c.detached]
             if len(kept) != len(consumers):
                 list.clear(consumers)
                 list.extend(consumers, kept)
         self._stale = {}
-        self._detached = {}
 
     def commit(self) -> int:
         """Apply scheduled rewrites in every graph, in one linear sweep each. Returns graphs changed."""
@@ -400,31 +394,27 @@ class ModelGraph:
                 key = id(node)
                 if key in view.inserted:
                     new_list.extend(view.inserted[key])
-                if key in view.removed:
+                if node.detached:
                     left.append(node)
                     continue
                 new_list.append(node)
             # Producers left without consumers by a rewrite go too, transitively (reverse order:
             # a node's consumers come after it, so one backward sweep settles everything).
             if view.maybe_dead:
-                dead: set[int] = set()
-                gone = self._detached
                 for node in reversed(new_list):
-                    key = id(node)
-                    if key not in view.maybe_dead or not node.outputs:
+                    if id(node) not in view.maybe_dead or not node.outputs:
                         continue
                     if any(
-                        id(t) in view.output_ids or any(id(c) not in gone for c in t.outputs)
+                        id(t) in view.output_ids or any(not c.detached for c in t.outputs)
                         for t in node.outputs
                     ):
                         continue
-                    dead.add(key)
-                    self._unlink(node)
-                left += [n for n in new_list if id(n) in dead]
-                new_list = [n for n in new_list if id(n) not in dead]
+                    self._unlink(node)  # dead: detached too
+                left += [n for n in new_list if n.detached]
+                new_list = [n for n in new_list if not n.detached]
             view.graph.nodes = new_list
             view.graph.dirty = True
-            view.removed = set()
+            view.removed = []
             view.inserted = {}
             view.maybe_dead = set()
         self.flush()
@@ -482,12 +472,10 @@ class ModelGraph:
 
 
 def _cut(nodes: list[ir.Node]) -> None:
-    """Cut removed nodes' links: a region's inner tensors still name their producer and readers
-    (see ``_unlink``), so a removed region is a reference cycle, which the command line (no
-    cyclic GC) would keep for good, with its view and through it the whole graph."""
+    """Forget the view of nodes that left their graph: the view's op-type index names them, so a
+    removed node naming its old view would be a reference cycle (view, index, node) that the
+    command line (no cyclic GC) keeps for good, and with it the whole graph."""
     for node in nodes:
-        node.inputs = []
-        node.outputs = []
         node.scope = None
 
 

@@ -175,12 +175,14 @@ class Node:
     rewrite's new node); ``proto``: that NodeProto, looked up when needed (not held: 110k protobuf
     wrappers would be 110k more objects for the cyclic GC to scan). ``pos`` and ``scope``: its
     place in its graph's node list and that graph's view, kept by the graph layer's index
-    (``graph.GraphView.index``; two dicts keyed by node would cost 17 MiB on 110k nodes)."""
+    (``graph.GraphView.index``; two dicts keyed by node would cost 17 MiB on 110k nodes);
+    ``detached``: a rewrite took it out (it leaves its graph at the next commit)."""
 
     __slots__ = (
         "__weakref__",
         "_attrs",
         "_src",
+        "detached",
         "domain",
         "index",
         "inputs",
@@ -207,6 +209,7 @@ class Node:
         self.index = -1
         self.pos = UNPLACED
         self.scope: object = None
+        self.detached = False
         self._attrs: dict[str, object] | None = dict(attrs) if attrs else {}
         self.inputs: list[Tensor] = list(inputs or ())
         self.outputs: list[Tensor] = list(outputs or ())
@@ -351,7 +354,7 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
         node.domain = p.domain if p.HasField("domain") else None
         node._src = gp
         node.index = i
-        node.pos, node.scope = UNPLACED, None
+        node.pos, node.scope, node.detached = UNPLACED, None, False
         node._attrs = None
         if len(p.attribute) and (
             p.op_type in _CONTROL_FLOW or any(a.type in _GRAPH_ATTRS for a in p.attribute)

@@ -377,9 +377,9 @@ def test_release_frees_the_graph_without_the_cyclic_gc() -> None:
 
 
 def test_commit_frees_the_removed_nodes_without_the_cyclic_gc() -> None:
-    """A fused region's inner tensors still name their producer and readers after the rewrite:
-    commit cuts the removed nodes' links, so reference counting frees them (a removed node also
-    names its view, which would keep the whole graph)."""
+    """Commit lets go of the nodes it removes: reference counting alone frees them (a removed
+    node still naming its view, whose op-type index names it, would be a cycle keeping the whole
+    graph; a detached Constant kept by the detach bookkeeping would keep it too)."""
     import gc
     import weakref
 

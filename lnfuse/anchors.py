@@ -22,7 +22,7 @@ class AnchorKind(str, Enum):
     BATCH_NORM = "batch-norm"  # BatchNormalization fed by statistics computed at run time
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Anchor:
     label: str
     op: str
@@ -67,10 +67,11 @@ def _default(mg: ModelGraph, node: object) -> str:
 
 def left_alone(anchors: list[Anchor], report: Report, notes: dict[str, str]) -> list[AnchorRecord]:
     """Anchors outside every fused match and every refused candidate, with their reasons."""
+    labels = {a.label for a in anchors}
     covered: set[str] = set()
     for group in (report.matches, report.found_not_rewritten, report.refusals):
         for item in group:
-            covered.update(item.nodes)
+            covered.update(n for n in item.nodes if n in labels)
             covered.add(getattr(item, "anchor", ""))
     return [
         AnchorRecord(a.op, a.label, a.graph, notes.get(a.label, a.default_reason))

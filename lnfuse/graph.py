@@ -483,21 +483,20 @@ def _write_nodes(g: ir.Graph, gp: onnx.GraphProto) -> None:
     """Write ``gp``'s node list from ``g`` (kept nodes by their import index, in place when
     :func:`_compacts`, else rebuilt) and its value_info (entries of tensors no longer defined go;
     new typed tensors get one)."""
-    new_protos: dict[int, onnx.NodeProto] = {}  # built before any NodeProto moves
     added: dict[str, ir.Constant] = {}
     typed: list[ir.Tensor] = []
     for node in g.nodes:
         if node.index >= 0:
             continue
-        new_protos[id(node)] = node.to_proto()
         for t in node.inputs:
             if isinstance(t, ir.Constant) and t.proto is None:
                 added.setdefault(t.name, t)
         typed += [t for t in node.outputs if t.name and t.dtype]
     if _compacts(g.nodes):
-        _compact_nodes(g.nodes, gp, new_protos)
+        _compact_nodes(g.nodes, gp)
     else:
         current = list(gp.node)
+        new_protos = {id(n): n.to_proto() for n in g.nodes if n.index < 0}  # before any moves
         protos = [current[n.index] if n.index >= 0 else new_protos[id(n)] for n in g.nodes]
         del gp.node[:]
         gp.node.extend(protos)
@@ -525,20 +524,25 @@ def _compacts(nodes: list[ir.Node]) -> bool:
     return all(node.index < 0 or w <= node.index for w, node in enumerate(nodes))
 
 
-def _compact_nodes(nodes: list[ir.Node], gp: onnx.GraphProto, new_protos: dict[int, onnx.NodeProto]) -> None:
+def _compact_nodes(nodes: list[ir.Node], gp: onnx.GraphProto) -> None:
     """Write the node list in place: kept NodeProtos move forward (one C copy each, none for those
-    that stay where they are), new ones fill the freed slots, the tail goes. Unlike a rebuild, no
-    NodeProto of a removed node and none of an unchanged prefix is touched."""
+    that stay where they are), new nodes are written into the freed slots, the tail goes. Unlike a
+    rebuild, no NodeProto of a removed node and none of an unchanged prefix is touched. A clone
+    still reading its source's attributes is written first, before any slot changes."""
+    early = {id(n): n.to_proto() for n in nodes if n.index < 0 and n.reads_its_source()}
     slots = gp.node
     size = len(slots)
     for w, node in enumerate(nodes):
         if node.index == w:
             continue
-        src = slots[node.index] if node.index >= 0 else new_protos[id(node)]
-        if w < size:
-            slots[w].CopyFrom(src)
+        if node.index >= 0 or id(node) in early:
+            src = slots[node.index] if node.index >= 0 else early[id(node)]
+            if w < size:
+                slots[w].CopyFrom(src)
+            else:
+                slots.append(src)
         else:
-            slots.append(src)
+            node.write_to(slots[w] if w < size else slots.add())
     if len(nodes) < len(slots):
         del slots[len(nodes) :]
 

@@ -17,6 +17,7 @@ way; :mod:`lnfuse.graph` writes them back into the ModelProto (:meth:`Node.to_pr
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -167,6 +168,18 @@ def tensor_array(value: object) -> np.ndarray:
     return proto_array(value)  # type: ignore[arg-type]
 
 
+class _NoAttrs(dict):
+    """The attributes of every node that has none: one shared empty dict, read-only."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_: object, **__: object) -> None:
+        raise TypeError("a node without attributes has none to change")
+
+    __setitem__ = __delitem__ = __ior__ = setdefault = update = pop = popitem = clear = _refuse  # type: ignore[assignment]
+
+
+_NO_ATTRS: dict[str, object] = _NoAttrs()
 UNPLACED = 1 << 60  # Node.pos of a node no graph index has placed yet (after every placed one)
 
 
@@ -224,23 +237,38 @@ class Node:
 
     @property
     def attrs(self) -> dict[str, object]:
+        """The attributes, decoded on first use (read-only: one shared empty mapping stands for
+        every node that has none, 90k of the 110k on the scale benchmark's chain)."""
         if self._attrs is None:
             proto = self.proto
             assert proto is not None
-            self._attrs = {a.name: attribute_value(a, None) for a in proto.attribute}
+            if len(proto.attribute):
+                self._attrs = {a.name: attribute_value(a, None) for a in proto.attribute}
+            else:
+                self._attrs = _NO_ATTRS
         return self._attrs
 
     def to_proto(self) -> onnx.NodeProto:
         """A NodeProto for a new node (an imported one keeps its own)."""
-        proto = onnx.NodeProto(
-            op_type=self.op, input=[t.name for t in self.inputs], output=[t.name for t in self.outputs]
-        )
+        return self.write_to(onnx.NodeProto())
+
+    def reads_its_source(self) -> bool:
+        """A clone whose attributes are still those of its source's NodeProto (see ``clone``)."""
+        return self._attrs is None and self._src is not None
+
+    def write_to(self, proto: onnx.NodeProto) -> onnx.NodeProto:
+        """Write this new node into ``proto``, cleared first: a slot of the graph's own node list
+        can take it, with no message of its own (10k new nodes' own messages: 15 MiB)."""
+        proto.Clear()
+        proto.op_type = self.op
+        proto.input.extend(t.name for t in self.inputs)
+        proto.output.extend(t.name for t in self.outputs)
         if self.name:
             proto.name = self.name
         if self.domain is not None:
             proto.domain = self.domain
-        if self._attrs is None and self._src is not None:
-            proto.attribute.extend(self._src.node[self.index].attribute)  # copied as they are
+        if self.reads_its_source():
+            proto.attribute.extend(self._src.node[self.index].attribute)  # type: ignore[union-attr]
             return proto
         proto.attribute.extend(make_attribute(key, value) for key, value in self.attrs.items())
         return proto
@@ -344,12 +372,12 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
         t = local[name] = Variable(name)
         return t
 
-    new_node, new_var = Node.__new__, Variable.__new__
+    new_node, new_var, intern = Node.__new__, Variable.__new__, sys.intern
     get = local.get
     nodes = graph.nodes
     for i, p in enumerate(gp.node):
         node = new_node(Node)
-        node.op = p.op_type
+        node.op = intern(p.op_type)  # one string per op type, not one per node
         node.name = p.name
         node.domain = p.domain if p.HasField("domain") else None
         node._src = gp

@@ -421,3 +421,16 @@ def test_report_records_own_their_strings() -> None:
     for kept in (m.output, m.input, m.nodes[0], r.nodes[0], r.anchor, a.anchor, g.outputs[0]):
         assert kept in (name, label)
         assert kept is not name and kept is not label
+
+
+def test_nodes_without_attributes_share_one_read_only_dict() -> None:
+    model = onnx.load(str(ROOT / "models" / "exported" / "transformer_block_opset14.onnx"))
+    mg = ModelGraph(model)
+    bare = [n for v in mg.views for n in v.graph.nodes if not len(n.proto.attribute)]
+    assert len(bare) > 10
+    assert len({id(n.attrs) for n in bare}) == 1 and bare[0].attrs == {}
+    with pytest.raises(TypeError):
+        bare[0].attrs["axis"] = 1
+    clone = bare[0].clone(bare[0].inputs, [ir.Variable("c")])
+    clone.attrs["axis"] = 1  # a clone's attributes are its own
+    assert bare[1].attrs == {}

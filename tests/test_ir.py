@@ -434,3 +434,23 @@ def test_nodes_without_attributes_share_one_read_only_dict() -> None:
     clone = bare[0].clone(bare[0].inputs, [ir.Variable("c")])
     clone.attrs["axis"] = 1  # a clone's attributes are its own
     assert bare[1].attrs == {}
+
+
+def test_unique_names_avoid_every_name_in_use() -> None:
+    """unique_name collects only the names that begin as its base does; what it hands out never
+    repeats a node, tensor, initializer or graph input name, nor an earlier answer, whatever the
+    bases' lengths."""
+    x = helper.make_tensor_value_info("lnfuse_x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    nodes = [
+        helper.make_node("Neg", ["lnfuse_x"], ["lnfuse/Neg"], name="lnfuse/Neg_1"),
+        helper.make_node("Add", ["lnfuse/Neg", "ln"], ["y"], name="l"),
+    ]
+    init = numpy_helper.from_array(np.ones(2, np.float32), "ln")
+    graph = helper.make_graph(nodes, "g", [x], [y], [init])
+    mg = ModelGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    used = {"lnfuse_x", "y", "lnfuse/Neg", "lnfuse/Neg_1", "l", "ln"}
+    got = [mg.unique_name(b) for b in ("lnfuse/Neg", "lnfuse/Neg", "ln", "l", "lnfuse_x", "lnfuse/Neg", "l")]
+    assert not used & set(got)
+    assert len(set(got)) == len(got)
+    assert got[0] == "lnfuse/Neg_2"  # _1 is a node's name

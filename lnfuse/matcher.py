@@ -87,18 +87,20 @@ class Candidate:
     side_nodes: list[ir.Node] = field(default_factory=list)  # outside readers that compute only those
 
     def settled(self) -> Candidate:
-        """A copy for the rewrite, which reads only the match's nodes and tensors: without the
-        walk's ``valued`` ids and ``form``'s float64 coefficients (what the check and the proof
-        read). Accepted candidates wait for the rewrite phase together; on the 110k-node chain
-        these were 27 of the 33 MiB they held."""
+        """A copy for the rewrite, which reads only the match's nodes and tensors and its group:
+        the walk's ``valued`` ids, ``flags`` and ``form`` (what the check and the proof read) go,
+        ``form`` for a placeholder of its kind. Accepted candidates wait for the rewrite phase
+        together; on the 110k-node chain these were two thirds of what they held."""
         spent = Candidate.__new__(Candidate)  # a field-for-field copy (dataclasses.replace: 10 us)
         spent.__dict__.update(self.__dict__)
-        spent.valued = frozenset()
-        spent.form = S.NormForm(self.form.kind, self.form.edef, _SPENT, None)
+        spent.valued = spent.flags = NO_FLAGS
+        spent.form = _SPENT_FORMS[self.form.kind]
         return spent
 
 
-_SPENT = np.zeros(0)  # a settled candidate's coefficients
+NO_FLAGS: frozenset = frozenset()  # shared: every frozenset() is an object of its own (216 B)
+SPENT = np.zeros(0)  # the coefficients of a settled candidate's form, and values a rewrite no longer reads
+_SPENT_FORMS = {k: S.NormForm(k, S.EDef(k, float("nan"), float("nan")), SPENT, None) for k in S.NormKind}
 
 
 @dataclass

@@ -113,7 +113,7 @@ class NormPass:
             why = ctx.prover.prove(mg, rule, cand, params)  # type: ignore[attr-defined]
             if why is not None:
                 return RefusalRecord(why, record.nodes, node_label(cand.nodes[-1]), cand.view.path, self.name)
-        return cand.settled(), params, record
+        return (*rule.settled(cand, params), record)
 
     def _rewrite_all(
         self,

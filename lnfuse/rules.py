@@ -31,7 +31,7 @@ import onnx
 from lnfuse import checks as C
 from lnfuse import ir
 from lnfuse.graph import ModelGraph, node_label, np_dtype
-from lnfuse.matcher import Candidate, Refusal, Walker
+from lnfuse.matcher import SPENT, Candidate, Refusal, Walker
 from lnfuse.symbolic import Flag, NormKind
 
 TP = onnx.TensorProto
@@ -254,6 +254,21 @@ class NormRule:
         if params.out_cast is not None:
             step("Cast", {"to": int(params.out_cast)}, cur, out, params.out_cast)
         return nodes
+
+    def settled(self, cand: Candidate, params: NormParams) -> tuple[Candidate, NormParams]:
+        """``cand`` and ``params`` with only what :meth:`rewrite` reads, once checked and proven
+        (accepted candidates wait for the rewrite phase together): see ``Candidate.settled``; a
+        scale or bias an original initializer supplies no longer needs its values here."""
+        drop = {
+            field: SPENT
+            for field, source in (("scale", params.scale_source), ("bias", params.bias_source))
+            if _find_const(cand, source) is not None
+        }
+        if drop:
+            spent = NormParams.__new__(NormParams)  # frozen: a field-for-field copy
+            spent.__dict__.update(params.__dict__, **drop)
+            params = spent
+        return cand.settled(), params
 
     def input_of(self, mg: ModelGraph, cand: Candidate, params: NormParams) -> ir.Tensor:
         return params.extent.source

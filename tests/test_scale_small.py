@@ -151,3 +151,30 @@ def test_output_check_reads_a_file(
     monkeypatch.setattr(onnx.checker, "check_model", spy)
     assert lnfuse.optimize(model).changed
     assert given and all(isinstance(m, str) for m in given)
+
+
+def test_settled_plans_rewrite_the_same(
+    chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted candidates wait for the rewrite phase settled (NormRule.settled: the walk's values
+    and the initializers' copies dropped); rewriting from the full candidates gives the same model."""
+    from lnfuse.matcher import NO_FLAGS, SPENT
+    from lnfuse.rules import NormRule
+
+    model, result = chain
+    seen: list[tuple] = []
+    real = NormRule.settled
+
+    def spy(self: NormRule, cand: object, params: object) -> tuple:
+        seen.append(real(self, cand, params))  # type: ignore[arg-type]
+        return cand, params
+
+    monkeypatch.setattr(NormRule, "settled", spy)
+    full = lnfuse.optimize(model)
+    assert full.model.SerializeToString(deterministic=True) == result.model.SerializeToString(
+        deterministic=True
+    )
+    assert len(seen) == N_BLOCKS
+    for cand, params in seen:
+        assert cand.valued is NO_FLAGS and cand.form.scale is SPENT
+        assert params.scale is SPENT and params.bias is SPENT  # gamma / beta are initializers

@@ -68,10 +68,10 @@ _ELEMENTWISE_SAME_TYPE = frozenset(
 
 _NAME_PREFIX = 6  # unique_name: names in use are collected by their first characters
 _BIG_TENSOR = 1 << 20  # bytes: initializers above this are exported without an intermediate copy
-# const_value's cache is cleared when it holds this many values: each block of a model reads its
-# own gamma / beta (a model-wide cache only grows: 10 MiB on the 110k-node chain), while the
-# constants blocks share are read again at once.
-CONST_CACHE_LIMIT = 4096
+# const_value's and dtype's caches are cleared when they hold this many entries: each block of a
+# model reads its own gamma / beta and types its own tensors (model-wide caches only grow: 14 MiB
+# on the 110k-node chain), while what blocks share is read again at once.
+CONST_CACHE_LIMIT = 1024
 _FOLDABLE = frozenset(
     {"Identity", "Cast", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Shape", "Gather", "ReduceProd"}
     | {"Add", "Sub", "Mul", "Div", "Neg", "CastLike"}
@@ -233,6 +233,8 @@ class ModelGraph:
             return self._dtype_cache[key]
         dt = self._dtype(tensor, _depth)
         if dt is not None:
+            if len(self._dtype_cache) >= CONST_CACHE_LIMIT:
+                self._dtype_cache.clear()
             self._dtype_cache[key] = dt
         return dt
 

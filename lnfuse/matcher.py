@@ -37,7 +37,7 @@ MAX_EVAL = 64
 # reach this many entries: walks of one block read its own gamma/beta, so a model-wide cache only
 # grows (about 2 KB a block), while the constants that blocks share (eps, exponents) are refilled
 # at once.
-CONST_CACHE_LIMIT = 4096
+CONST_CACHE_LIMIT = 1024
 ALGEBRA_OPS = frozenset(
     {
         "Identity",

@@ -454,3 +454,27 @@ def test_unique_names_avoid_every_name_in_use() -> None:
     assert not used & set(got)
     assert len(set(got)) == len(got)
     assert got[0] == "lnfuse/Neg_2"  # _1 is a node's name
+
+
+def test_equal_attributes_are_decoded_once_per_graph() -> None:
+    """Nodes of one graph with the same plain attributes share one read-only decoded dict; other
+    attributes, and tensor-valued ones, get their own."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m1"], axes=[-1], keepdims=1),
+        helper.make_node("ReduceMean", ["x"], ["m2"], axes=[-1], keepdims=1),
+        helper.make_node("ReduceMean", ["x"], ["m3"], axes=[-1], keepdims=0),
+        helper.make_node("Constant", [], ["c1"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Constant", [], ["c2"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Sum", ["m1", "m2", "c1", "c2"], ["s"]),
+        helper.make_node("Add", ["s", "m3"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    mg = ModelGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    m1, m2, m3, c1, c2 = mg.views[0].graph.nodes[:5]
+    assert m1.attrs is m2.attrs and m1.attrs == {"axes": [-1], "keepdims": 1}
+    assert m3.attrs is not m1.attrs and m3.attrs["keepdims"] == 0
+    assert c1.attrs is not c2.attrs
+    with pytest.raises(TypeError):
+        m1.attrs["keepdims"] = 0

@@ -89,12 +89,14 @@ def test_small_transformer_is_fused() -> None:
 def test_bounded_constant_caches_change_nothing(
     chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The walker's constant caches are cleared when full: with room for only a few entries (cleared
-    many times a model), the chain fuses to the same bytes and the same report."""
-    from lnfuse import matcher
+    """The walker's constant caches, and the graph's constant and dtype caches, are cleared when
+    full: with room for only a few entries (cleared many times a model), the chain fuses to the
+    same bytes and the same report."""
+    from lnfuse import graph, matcher
 
     model, result = chain
     monkeypatch.setattr(matcher, "CONST_CACHE_LIMIT", 3)
+    monkeypatch.setattr(graph, "CONST_CACHE_LIMIT", 3)
     small = lnfuse.optimize(model)
     assert small.model.SerializeToString(deterministic=True) == result.model.SerializeToString(
         deterministic=True

@@ -88,18 +88,19 @@ class NormRule:
     # -- pattern ------------------------------------------------------------------
     def pattern(self, mg: ModelGraph) -> Iterator[Candidate | Refusal | AnchorNote]:
         walker = Walker(mg)
-        claimed: dict[int, int | None] = {}  # node id -> group of the candidate that took it
+        # node -> group of the candidate that took it (nodes, not their ids, as keys: no int each)
+        claimed: dict[ir.Node, int | None] = {}
         said: list[tuple[object, Refusal | AnchorNote]] = []
         for x, axes, rank, anchor, positive, views in walker.proposals(self.kind):
             res = walker.walk(x, axes, rank, anchor, positive, views)
             for cand in res.candidates:
                 if cand.form.kind != self.kind:
                     continue
-                if any(id(n) in claimed and claimed[id(n)] != cand.group for n in cand.nodes) or (
-                    cand.group is None and any(id(n) in claimed for n in cand.nodes)
+                if any(n in claimed and claimed[n] != cand.group for n in cand.nodes) or (
+                    cand.group is None and any(n in claimed for n in cand.nodes)
                 ):
                     continue
-                claimed.update((id(n), cand.group) for n in cand.nodes)
+                claimed.update((n, cand.group) for n in cand.nodes)
                 yield cand
             if self.kind is NormKind.LN:
                 said.extend((anchor, r) for r in res.refusals)
@@ -107,7 +108,7 @@ class NormRule:
                 said.append((anchor, AnchorNote(node_label(anchor), res.note)))
         # An anchor is walked as itself and, when it reads a reshaped view, as that view: what a
         # walk that found nothing says only counts when no walk of that anchor found a norm.
-        yield from (item for anchor, item in said if id(anchor) not in claimed)
+        yield from (item for anchor, item in said if anchor not in claimed)
 
     # -- check ---------------------------------------------------------------------
     def check(self, mg: ModelGraph, cand: Candidate, *, allow_transpose: bool = True) -> NormParams | Refusal:

@@ -33,7 +33,7 @@ def _copy(s: str) -> str:
     return s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MatchRecord:
     """One fused normalization."""
 
@@ -56,7 +56,7 @@ class MatchRecord:
         _own(self, ("output", "input", "nodes", "scale", "bias"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RefusalRecord:
     """A normalization-looking subgraph left alone, and why."""
 
@@ -70,7 +70,7 @@ class RefusalRecord:
         _own(self, ("nodes", "anchor"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AnchorRecord:
     """A reduction (or run-time-fed BatchNormalization) that is part of no fused or refused norm."""
 
@@ -83,7 +83,7 @@ class AnchorRecord:
         _own(self, ("anchor",))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     """Matches that share gain/bias/epsilon: the per-time-step norms of one recurrent layer."""
 

@@ -11,7 +11,6 @@ is returned as the very same ``ModelProto``, so optimizing twice changes nothing
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,14 +320,14 @@ def _without_big_weights(model: onnx.ModelProto, limit: int = 1 << 20) -> onnx.M
 
 def _full_check(model: onnx.ModelProto) -> str | None:
     """``onnx.checker.check_model(full_check=True)``, from a temporary file (the checker copies a
-    model it is given in memory; see ``io.checker_problem_at``); big models are checked without
+    model it is given in memory; see ``io.whole_model_problem``); big models are checked without
     their weights."""
     from lnfuse import io as lio
 
-    with tempfile.TemporaryDirectory(prefix="lnfuse-check-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        if not _has_external(model) and lio.write_below(model, path, INFER_LIMIT):
-            return lio.checker_problem_at(path)
+    if not _has_external(model):
+        checked, problem = lio.whole_model_problem(model, INFER_LIMIT)
+        if checked:
+            return problem
     return lio.checker_problem(_without_big_weights(model))
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "resolve_output_path",
     "save_model",
     "validate_structure",
+    "whole_model_problem",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -738,17 +739,39 @@ def validate_structure(model: ModelProto) -> None:
 def checker_problem(model: ModelProto) -> str | None:
     """Run ``onnx.checker.check_model(full_check=True)``; the first line of the error, or None.
 
-    The model is checked from a temporary file (:func:`checker_problem_at`). Models too large
-    to serialize in one protobuf (about 2 GB) are saved there with external data.
+    The model is checked in one piece (:func:`whole_model_problem`); one too large to serialize
+    in one protobuf (about 2 GB) is saved with external data to a temporary folder for it.
     """
-    with tempfile.TemporaryDirectory(prefix="lnfuse-check-") as tmp:
+    checked, problem = whole_model_problem(model, _AUTO_EXTERNAL_BYTES)
+    if checked:
+        return problem
+    with tempfile.TemporaryDirectory(prefix="lnfuse-check-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"
-        if not write_below(model, path, _AUTO_EXTERNAL_BYTES):
-            try:
-                save_model(model, path, external_data=True)
-            except InputError as err:
-                return str(err)
+        try:
+            save_model(model, path, external_data=True)
+        except InputError as err:
+            return str(err)
         return checker_problem_at(path)
+
+
+def whole_model_problem(model: ModelProto, limit: int) -> tuple[bool, str | None]:
+    """``(True, checker_problem)`` of a model that serializes to fewer than ``limit`` bytes,
+    ``(False, None)`` (not checked) otherwise.
+
+    The check reads a temporary file (:func:`checker_problem_at`), the model's bytes freed
+    before it runs; where no temporary file can be written it runs on the bytes in memory.
+    """
+    data = serialized_below(model, limit)
+    if data is None:
+        return False, None
+    try:
+        with tempfile.TemporaryDirectory(prefix="lnfuse-check-", ignore_cleanup_errors=True) as tmp:
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(data)
+            del data
+            return True, checker_problem_at(path)
+    except OSError:
+        return True, _problem(onnx.checker.check_model, model.SerializeToString())
 
 
 def checker_problem_at(path: PathLike) -> str | None:
@@ -758,25 +781,19 @@ def checker_problem_at(path: PathLike) -> str | None:
     whole before shape inference; given a path it does neither copy in Python and checks the
     model it parsed (110k-node chain, fused: 79 MiB over the import instead of 129 MiB).
     """
+    return _problem(onnx.checker.check_model, os.fspath(path))
+
+
+def _problem(check: Callable[..., None], model: object) -> str | None:
+    """The first line of what the full check of ``model`` raises, or None."""
     try:
-        onnx.checker.check_model(os.fspath(path), full_check=True)
+        check(model, full_check=True)
     except Exception as err:
         for line in str(err).splitlines():
             if line.strip():
                 return line.strip()
         return type(err).__name__
     return None
-
-
-def write_below(model: ModelProto, path: PathLike, limit: int) -> bool:
-    """Write ``model`` to ``path`` in one piece when it serializes to fewer than ``limit`` bytes
-    (False, nothing written, otherwise). The bytes live only here."""
-    data = serialized_below(model, limit)
-    if data is None:
-        return False
-    with open(path, "wb") as f:
-        f.write(data)
-    return True
 
 
 # --------------------------------------------------------------------------- output paths

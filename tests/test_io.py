@@ -577,6 +577,21 @@ def test_checker_problem_is_one_line() -> None:
     assert lio.checker_problem(make_model()) is None
 
 
+def test_checker_runs_in_memory_without_a_temporary_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full check reads a temporary file; where none can be written it checks the bytes in
+    memory, with the same answers."""
+
+    def no_room(*_: object, **__: object) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lio.tempfile, "TemporaryDirectory", no_room)
+    bad = _graph_model([helper.make_node("NoSuchOp", ["x"], ["y"])])
+    assert lio.whole_model_problem(make_model(), 1 << 30) == (True, None)
+    checked, problem = lio.whole_model_problem(bad, 1 << 30)
+    assert checked and problem and "NoSuchOp" in problem and "\n" not in problem
+    assert lio.whole_model_problem(make_model(), 10) == (False, None)  # too big for one piece
+
+
 # --------------------------------------------------------------------------- output paths
 
 

@@ -544,9 +544,10 @@ def _compacts(nodes: list[ir.Node]) -> bool:
 def _compact_nodes(nodes: list[ir.Node], gp: onnx.GraphProto) -> None:
     """Write the node list in place: kept NodeProtos move forward (one C copy each, none for those
     that stay where they are), new nodes are written into the freed slots, the tail goes. Unlike a
-    rebuild, no NodeProto of a removed node and none of an unchanged prefix is touched. A clone
-    still reading its source's attributes is written first, before any slot changes."""
-    early = {id(n): n.to_proto() for n in nodes if n.index < 0 and n.reads_its_source()}
+    rebuild, no NodeProto of a removed node and none of an unchanged prefix is touched. A new node
+    whose attributes are not all its own (``Node.self_contained``) is written first, before any
+    slot changes."""
+    early = {id(n): n.to_proto() for n in nodes if n.index < 0 and not n.self_contained()}
     slots = gp.node
     size = len(slots)
     for w, node in enumerate(nodes):

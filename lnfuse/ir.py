@@ -207,6 +207,7 @@ class Source:
         return found
 
 
+_PLAIN = (int, float, str, bytes, Constant)  # attribute values self_contained() accepts
 UNPLACED = 1 << 60  # Node.pos of a node no graph index has placed yet (after every placed one)
 
 
@@ -278,6 +279,17 @@ class Node:
     def reads_its_source(self) -> bool:
         """A clone whose attributes are still those of its source's NodeProto (see ``clone``)."""
         return self._attrs is None and self._src is not None
+
+    def self_contained(self) -> bool:
+        """Its attributes are its own Python values (numbers, strings, their lists, a rewrite's
+        Constant), not protobuf messages that may be views into a NodeProto of the graph: its
+        proto can be written after that NodeProto was overwritten."""
+        if self.reads_its_source():
+            return False
+        return all(
+            isinstance(v, _PLAIN) or (type(v) is list and all(isinstance(x, _PLAIN[:4]) for x in v))
+            for v in self.attrs.values()
+        )
 
     def write_to(self, proto: onnx.NodeProto) -> onnx.NodeProto:
         """Write this new node into ``proto``, cleared first: a slot of the graph's own node list

@@ -478,3 +478,32 @@ def test_equal_attributes_are_decoded_once_per_graph() -> None:
     assert c1.attrs is not c2.attrs
     with pytest.raises(TypeError):
         m1.attrs["keepdims"] = 0
+
+
+def test_a_new_node_with_an_old_nodes_tensor_is_written_before_any_slot_moves() -> None:
+    """A new node may carry a removed node's tensor attribute (a view into that NodeProto): the
+    in-place write-back builds its proto before overwriting the slot the view points into."""
+    value = numpy_helper.from_array(np.arange(4, dtype=np.float32), "v")
+    nodes = [
+        helper.make_node("Constant", [], ["a"], name="c0", value=value),
+        helper.make_node("Relu", ["x"], ["b"], name="r1"),
+        helper.make_node("Relu", ["b"], ["c"], name="r2"),
+        helper.make_node("Add", ["a", "c"], ["y"], name="add"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+    )
+    mg = ModelGraph(model)
+    g = mg.graph
+    c0, r1, r2, add = g.nodes
+    new = ir.Node("Constant", "c_new", {"value": c0.attrs["value"]}, [], [c0.outputs[0]])
+    assert not new.self_contained()
+    g.nodes = [r1, r2, new, add]  # r1 moves into c0's slot before the new node is written
+    g.dirty = True
+    out = mg.export(consume=True)
+    assert [n.name for n in out.graph.node] == ["r1", "r2", "c_new", "add"]
+    got = out.graph.node[2].attribute[0].t
+    assert numpy_helper.to_array(got).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert out.graph.node[0].SerializeToString() == nodes[1].SerializeToString()

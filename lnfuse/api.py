@@ -344,7 +344,8 @@ def _compact(model: onnx.ModelProto, removed: int) -> onnx.ModelProto:
         return model
     if sum(tensor_nbytes(t) for t in model.graph.initializer) > COMPACT_WEIGHTS:
         return model
-    return onnx.ModelProto.FromString(model.SerializeToString())
+    data = serialized_below(model, INFER_LIMIT)
+    return model if data is None else onnx.ModelProto.FromString(data)
 
 
 def _has_external(model: onnx.ModelProto) -> bool:

@@ -199,15 +199,20 @@ class Source:
         if not len(proto.attribute):
             return _NO_ATTRS
         if not all(a.type in _SHAREABLE for a in proto.attribute):
-            return _Attrs((a.name, attribute_value(a, None)) for a in proto.attribute)
+            return _decoded(proto)
         key = tuple(a.SerializeToString() for a in proto.attribute)
         found = self.attrs.get(key)
         if found is None:
-            found = self.attrs[key] = _Attrs((a.name, attribute_value(a, None)) for a in proto.attribute)
+            found = self.attrs[key] = _decoded(proto)
         return found
 
 
-_PLAIN = (int, float, str, bytes, Constant)  # attribute values self_contained() accepts
+def _decoded(proto: onnx.NodeProto) -> dict[str, object]:
+    return _Attrs((a.name, attribute_value(a, None)) for a in proto.attribute)
+
+
+_PLAIN_ITEMS = (int, float, str, bytes)  # attribute values (and list items) self_contained() accepts
+_PLAIN = (*_PLAIN_ITEMS, Constant)
 UNPLACED = 1 << 60  # Node.pos of a node no graph index has placed yet (after every placed one)
 
 
@@ -287,7 +292,7 @@ class Node:
         if self.reads_its_source():
             return False
         return all(
-            isinstance(v, _PLAIN) or (type(v) is list and all(isinstance(x, _PLAIN[:4]) for x in v))
+            isinstance(v, _PLAIN) or (type(v) is list and all(isinstance(x, _PLAIN_ITEMS) for x in v))
             for v in self.attrs.values()
         )
 

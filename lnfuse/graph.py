@@ -143,8 +143,8 @@ class ModelGraph:
             view.index()
             self.views.append(view)
             for node in g.nodes:
-                if node._attrs is None:
-                    continue  # attributes not decoded: no body (bodies are imported with their node)
+                if not node._attrs:
+                    continue  # none, or not decoded: no body (bodies are imported with their node)
                 for attr_name, sub in ir.bodies(node):
                     label = node.name or node.op
                     stack.append((sub, f"{path}/{label}:{attr_name}", view))

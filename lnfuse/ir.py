@@ -181,6 +181,14 @@ class _Attrs(dict):
 
 
 _NO_ATTRS: dict[str, object] = _Attrs()
+
+
+def shared_attrs(attrs: dict[str, object]) -> bool:
+    """``attrs`` is a decoded, read-only attribute set (one node's or several nodes' alike): it never
+    changes, so what is derived from it may be kept."""
+    return type(attrs) is _Attrs
+
+
 _SHAREABLE = frozenset((AP.FLOAT, AP.INT, AP.STRING, AP.INTS, AP.FLOATS, AP.STRINGS))
 
 
@@ -424,15 +432,16 @@ def _import_graph(gp: onnx.GraphProto, outer: list[dict[str, Tensor]], locator: 
         node._src = source
         node.index = i
         node.pos, node.scope, node.detached = UNPLACED, None, False
-        node._attrs = None
-        if len(p.attribute) and (
-            p.op_type in _CONTROL_FLOW or any(a.type in _GRAPH_ATTRS for a in p.attribute)
-        ):
+        if not len(p.attribute):
+            node._attrs = _NO_ATTRS  # nothing to decode later (7 of the 9 nodes of a torch LN)
+        elif p.op_type in _CONTROL_FLOW or any(a.type in _GRAPH_ATTRS for a in p.attribute):
             # Bodies first: their reads of outer values come before this node in consumer lists.
             node._attrs = {
                 a.name: attribute_value(a, _body_importer(scopes, (*locator, (i, k))))
                 for k, a in enumerate(p.attribute)
             }
+        else:
+            node._attrs = None  # decoded on first use
         ins = []
         for name in p.input:
             t = get(name) if name else None

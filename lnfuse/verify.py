@@ -43,10 +43,11 @@ class Prover:
         self.opset = opset
         self.cache: dict[tuple, str | None] = {}
         self.proofs_run = 0
+        self._attrs_key = _AttrKeys()
 
     def prove(self, mg: ModelGraph, rule: NormRule, cand: Candidate, params: NormParams) -> str | None:
         """None when the fused op reproduces the match, else a one-line reason."""
-        key = _signature(mg, cand, params)
+        key = _signature(mg, cand, params, self._attrs_key)
         if key in self.cache:
             return self.cache[key]
         reason = ""
@@ -261,9 +262,33 @@ def _attrs_key(n: ir.Node) -> tuple:
     )
 
 
-def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> tuple:
+class _AttrKeys:
+    """``_attrs_key`` of each node, worked out once per shared read-only attribute set (the nodes of
+    one graph with equal plain attributes share one, :class:`lnfuse.ir.Source`)."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        self.keys: dict[int, tuple[object, tuple]] = {}  # id(attrs) -> (attrs, key): held, so ids stay
+
+    def __call__(self, n: ir.Node) -> tuple:
+        attrs = n.attrs
+        if not attrs:
+            return ()
+        if not ir.shared_attrs(attrs):
+            return _attrs_key(n)
+        hit = self.keys.get(id(attrs))
+        if hit is None:
+            hit = self.keys[id(attrs)] = (attrs, _attrs_key(n))
+        return hit[1]
+
+
+def _signature(
+    mg: ModelGraph, cand: Candidate, params: NormParams, attrs_key: Callable[[ir.Node], tuple] = _attrs_key
+) -> tuple:
     """Structure of the match and the fused parameters (not the values of large constants)."""
-    index = {id(n): i for i, n in enumerate(cand.nodes)}
+    index = {n: i for i, n in enumerate(cand.nodes)}
+    x = cand.x
     parts: list[object] = [
         (params.op, params.epsilon, params.axis, params.stash_type, params.normalized_shape),
         (
@@ -274,24 +299,26 @@ def _signature(mg: ModelGraph, cand: Candidate, params: NormParams) -> tuple:
             params.perm,
             tuple(sorted(params.flags)),
         ),
-        tuple((n.op, _attrs_key(n)) for n in (*params.extent.prefix, *params.extent.suffix)),
-        (mg.dtype(cand.x), mg.dtype(cand.output), cand.axes, params.scale.shape, params.bias is None),
+        tuple((n.op, attrs_key(n)) for n in (*params.extent.prefix, *params.extent.suffix)),
+        (mg.dtype(x), mg.dtype(cand.output), cand.axes, params.scale.shape, params.bias is None),
     ]
+    append = parts.append
     for n in cand.nodes:
-        parts.append((n.op, n.domain, _attrs_key(n)))
+        append((n.op, n.domain, attrs_key(n)))
         for t in n.inputs:
-            p = t.inputs[0] if t.inputs else None
-            if t is cand.x:
-                parts.append("X")
-            elif p is not None and id(p) in index:
-                outs = p.outputs
+            if t is x:
+                append("X")
+                continue
+            i = index.get(t.inputs[0]) if t.inputs else None
+            if i is not None:
+                outs = t.inputs[0].outputs
                 k = 0 if outs[0] is t else next((k for k, o in enumerate(outs) if o is t), 0)
-                parts.append(("n", index[id(p)], k))
+                append(("n", i, k))
+                continue
+            val = mg.const_value(t)
+            if val is None:
+                append("?")
             else:
-                val = mg.const_value(t)
-                if val is None:
-                    parts.append("?")
-                else:
-                    small = np.ascontiguousarray(val).tobytes() if val.size <= 16 else b""
-                    parts.append(("c", val.dtype.str, val.shape, small))
+                small = np.ascontiguousarray(val).tobytes() if val.size <= 16 else b""
+                append(("c", val.dtype.str, val.shape, small))
     return tuple(parts)

@@ -180,3 +180,28 @@ def test_settled_plans_rewrite_the_same(
     for cand, params in seen:
         assert cand.valued is NO_FLAGS and cand.form.scale is SPENT
         assert params.scale is SPENT and params.bias is SPENT  # gamma / beta are initializers
+
+
+def test_proof_keys_from_shared_attribute_sets_are_the_same(
+    chain: tuple[onnx.ModelProto, lnfuse.OptimizeResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prover works out each shared attribute set's part of a proof key once: the keys are those
+    the plain computation gives, and one proof still covers every identical block."""
+    from lnfuse import verify
+
+    model, _result = chain
+    real = verify._signature
+    compared: list[int] = []
+
+    def spy(mg: object, cand: object, params: object, attrs_key: object = verify._attrs_key) -> tuple:
+        key = real(mg, cand, params, attrs_key)  # type: ignore[arg-type]
+        assert key == real(mg, cand, params)  # type: ignore[arg-type]
+        compared.append(1)
+        return key
+
+    monkeypatch.setattr(verify, "_signature", spy)
+    for m in (model, build_transformer(2).model):
+        result = lnfuse.optimize(m)
+        assert result.changed
+    assert len(compared) == N_BLOCKS + 5  # every candidate's key compared (2 layers: 5 norms)
+    assert lnfuse.optimize(model).report.proofs_run == 1

@@ -121,11 +121,23 @@ class _Step(NamedTuple):
     walked: bool  # its output has a value: the walk goes on from there
 
 
+_WALKED = _Step(True, "", True)
+_EVALUATED = _Step(True, "", False)  # evaluated to exactly zero: counts, but the walk stops there
+
+
 @dataclass
 class WalkResult:
     candidates: list[Candidate] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     note: str = ""  # why the walk found nothing (when it has neither candidates nor refusals)
+
+
+def _mean_minus_x(out: ir.Tensor, values: dict[int, S.Sym]) -> str:
+    """Why a match may not contain ``out``: its centred value is written as ``mean - x``."""
+    value = values.get(id(out))
+    if value is not None and S.is_negated_centering(value):
+        return f"centred value '{out.name}' is computed as mean - x, not x - mean"
+    return ""
 
 
 def _candidate(
@@ -379,19 +391,20 @@ class Walker:
         if not result.terms:
             # Exactly zero in real arithmetic (e.g. the mean of an already centred value) is
             # rounding noise in floating point: never build on it.
-            return _Step(True, "", False)
+            return _EVALUATED
         out_t = node.outputs[0]
         values[id(out_t)] = result
         if self._next_layout is not None:
             self._layout[id(out_t)] = self._next_layout
         cone_consts[id(out_t)] = reads
-        return _Step(True, "", True)
+        return _WALKED
 
     def _admit(
         self, node: ir.Node, inputs: list[S.Sym], squeezed: bool, values: dict[int, S.Sym]
     ) -> tuple[V.View | None, str]:
         """The layout ``node``'s walked inputs share (None: X's own), or why the walk stops there."""
-        layout, why = self._input_layout(node, values)
+        # No tensor of this walk is in a reshaped view: every walked input is in X's own layout.
+        layout, why = self._input_layout(node, values) if self._layout else (None, "")
         if why:
             return None, why
         if (
@@ -902,6 +915,11 @@ class Walker:
                     continue
                 outside = [c for c in out.outputs if id(c) not in cone_ids]
                 is_output = mg.is_graph_output(out)
+                if not outside and not is_output:
+                    leak = _mean_minus_x(out, values)  # read only inside the match: all there is to check
+                    if leak:
+                        break
+                    continue
                 if outside or is_output:
                     kind = self._side_kind(values.get(id(out)), form, ctx)
                     if kind:
@@ -940,9 +958,8 @@ class Walker:
                         f"{outside[0].op} '{outside[0].name}' outside the match"
                     )
                     break
-                value = values.get(id(out))
-                if value is not None and S.is_negated_centering(value):
-                    leak = f"centred value '{out.name}' is computed as mean - x, not x - mean"
+                leak = _mean_minus_x(out, values)
+                if leak:
                     break
             if leak:
                 break

@@ -22,7 +22,8 @@ For every model (built by :mod:`benchmarks.gen_chain`, saved to a temporary dire
   loaded and its ``LayerNormalization`` count compared with the number of generated LNs.
 
 Targets (2-core machine): the 10,000-block chain (110k nodes) end to end < 10 s, and the
-10,000-block time at most 12x the 1,000-block time (printed for end-to-end and in-process optimize).
+10,000-block time at most 11x the 1,000-block time (issue #12; printed for end-to-end and in-process
+optimize).
 A wrong fused count always exits 1; missed timing targets exit 1 only with ``--strict``.
 """
 
@@ -51,7 +52,7 @@ if str(ROOT) not in sys.path:
 E2E_TARGET_S = 10.0
 FLOOR_TIME_TARGET = 1.5  # issue #12: end to end at most 1.5x the load + save floor's time
 FLOOR_MEM_TARGET = 2.0  # ... and 2x its peak memory
-RATIO_TARGET = 12.0
+RATIO_TARGET = 11.0  # issue #12: 10x the nodes in at most 11x the time (an earlier issue allowed 12x)
 
 # --------------------------------------------------------------------------------------------------
 # child: one in-process measurement

@@ -127,17 +127,25 @@ def _broadcast_into(
     return None
 
 
-def variance_flags(kind: NormKind, cand: Candidate, n: int) -> frozenset[Flag] | str:
+def variance_flags(kind: NormKind, cand: Candidate, n: int, xdt: int) -> frozenset[Flag] | str:
     """The flags the variance adds (none for a mean, ``UNBIASED`` for N / (N - 1) in a layer
-    norm), or the reason it is neither."""
+    norm), or the reason it is neither. The factor ``k`` is matched as far as a ``1/N`` (or
+    ``N/(N-1)``) stored in x's type can be: fp16 rounds 1/5 to 0.19995. Any ``k`` the check lets
+    through is exact: the scale carries ``k ** -0.5`` and the epsilon is ``eps / k``."""
     k = cand.form.edef.k
-    if abs(k - 1.0) <= 1e-6:
+    tol = _FACTOR_TOLERANCE.get(xdt, 1e-6)
+    if abs(k - 1.0) <= tol:
         return frozenset()
-    if n > 1 and abs(k - n / (n - 1)) <= 1e-6 * k and kind is NormKind.LN:
+    if n > 1 and abs(k - n / (n - 1)) <= tol * k and kind is NormKind.LN:
         return frozenset({Flag.UNBIASED})
     if Flag.REDUCE_SUM in cand.flags:
         return f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)"
     return f"variance is scaled by {k:.6g}: neither a mean nor an unbiased estimate"
+
+
+# How far N * fl(1/N) may be from 1 when the constant is stored in a 16-bit float (half an ulp of
+# fp16 is 2**-11 of the value; twice that for margin). Wider types keep the 1e-6 of float32.
+_FACTOR_TOLERANCE = {TP.FLOAT16: 2.0**-10}
 
 
 def layout(

@@ -123,7 +123,7 @@ class NormRule:
             return _refuse(cand, dims)
         norm_shape, rank = dims
         flags = set(cand.flags)
-        variance = C.variance_flags(self.kind, cand, math.prod(norm_shape))
+        variance = C.variance_flags(self.kind, cand, math.prod(norm_shape), xdt)
         if isinstance(variance, str):
             return _refuse(cand, variance)
         flags |= variance

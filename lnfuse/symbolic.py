@@ -252,10 +252,11 @@ def scalar_of(coef: Coef) -> float | None:
 def _as_e_power(s: Sym, ctx: Context) -> tuple[float, Monomial] | None:
     """``s`` as ``k * prod(E_i ** p_i)`` with a positive scalar ``k``, else None.
 
-    A sum is first turned into an ``E`` atom when it has the shape of ``c*V + e``.
+    A sum is first turned into an ``E`` atom when it has the shape of ``c*V + e``; so is a lone
+    ``c*Q``: a mean square with no eps (an RMS norm's eps of 0, or one that underflowed in fp16).
     """
     single = s.single()
-    if single is not None:
+    if single is not None and single[0] != _Q:
         mono, coef = single
         k = scalar_of(coef)
         if k is None or k <= 0 or not all(a.startswith("E") for a, _ in mono):

@@ -266,3 +266,80 @@ def test_mean_read_outside_plain_ln_is_refused() -> None:
     result = lnfuse.optimize(patterns.ALL["neg_mean_consumed_outside"].build())
     assert not result.changed
     assert "outside the match" in result.report.refusals[0].reason
+
+
+def _rms_model(dtype: int, mean: str, eps: float | None, hidden: int = 5) -> onnx.ModelProto:
+    """``x / sqrt(mean(x**2) [+ eps]) * gamma`` on ``x: [2, 3, hidden]`` in ``dtype``, opset 18; the
+    mean is ``ReduceMean`` or ``ReduceSum * c`` with ``mean`` giving ``c`` (``"1/N"`` or a number)."""
+    from onnx import helper, numpy_helper
+
+    np_dt = {TP.FLOAT: np.float32, TP.FLOAT16: np.float16}[dtype]
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np_dt), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array((1 + 0.2 * rng.standard_normal(hidden)).astype(np_dt), "gamma"),
+    ]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"])]
+    if mean == "mean":
+        nodes.append(helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1))
+    else:
+        c = 1.0 / hidden if mean == "1/N" else float(mean)
+        inits.append(numpy_helper.from_array(np.array(c, np_dt), "c"))
+        nodes += [
+            helper.make_node("ReduceSum", ["sq", "axes"], ["total"], keepdims=1),
+            helper.make_node("Mul", ["total", "c"], ["ms"]),
+        ]
+    v = "ms"
+    if eps is not None:
+        inits.append(numpy_helper.from_array(np.array(eps, np_dt), "eps"))
+        nodes.append(helper.make_node("Add", ["ms", "eps"], ["v"]))
+        v = "v"
+    nodes += [
+        helper.make_node("Sqrt", [v], ["s"]),
+        helper.make_node("Div", ["x", "s"], ["n"]),
+        helper.make_node("Mul", ["n", "gamma"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rms",
+        [helper.make_tensor_value_info("x", dtype, [2, 3, hidden])],
+        [helper.make_tensor_value_info("y", dtype, [2, 3, hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _fused_rms(model: onnx.ModelProto, dtype: int) -> onnx.NodeProto:
+    result = lnfuse.optimize(model, rmsnorm=True)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert op_counts(result.model)["RMSNormalization"] == 1, result.report.render_text(explain=True)
+    x = (np.random.default_rng(1).standard_normal((2, 3, 5)) + 0.5).astype(
+        np.float16 if dtype == TP.FLOAT16 else np.float32
+    )
+    (ref,), (got,) = run(model, {"x": x}), run(result.model, {"x": x})
+    assert_close(ref, got, RTOL[dtype])
+    return next(n for n in result.model.graph.node if n.op_type == "RMSNormalization")
+
+
+@pytest.mark.needs_opset(23)
+@pytest.mark.parametrize("dtype", [TP.FLOAT, TP.FLOAT16])
+def test_rmsnorm_without_eps_is_fused_with_epsilon_zero(dtype: int) -> None:
+    """``x / sqrt(mean(x**2))``: an RMSNorm whose eps is 0 (or an fp16 eps of 1e-8, which rounds
+    to 0) is one with ``epsilon=0``."""
+    for model in (
+        _rms_model(dtype, "mean", None),
+        _rms_model(dtype, "mean", 1e-8 if dtype == TP.FLOAT16 else 0.0),
+    ):
+        node = _fused_rms(model, dtype)
+        assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "epsilon")) == 0.0
+
+
+@pytest.mark.needs_opset(23)
+def test_fp16_sum_times_rounded_reciprocal_is_a_mean() -> None:
+    """fp16 stores 1/5 as 0.19995: ``ReduceSum * fl16(1/5)`` is still a mean (its factor folded
+    exactly into scale and epsilon); a factor clearly off a mean is still refused."""
+    _fused_rms(_rms_model(TP.FLOAT16, "1/N", 1e-5), TP.FLOAT16)
+    off = lnfuse.optimize(_rms_model(TP.FLOAT16, "0.21", 1e-5), rmsnorm=True)
+    assert not off.changed
+    assert any("not a mean" in r.reason for r in off.report.refusals), off.report.render_text(explain=True)

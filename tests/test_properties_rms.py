@@ -19,13 +19,14 @@ stash_type cannot be float64) and a random default opset (13, 17, 18, 21). Each 
   ``(v + eps) ** -0.25``, gamma varying along a non-normalized axis, an intermediate that is also a
   graph output; or a bare ``ReduceSum`` for the mean, which lnfuse refuses as a likely slip even
   though it is an RMSNorm with ``eps / N`` and scale ``1/sqrt(N)``);
-* an **unrelated op**: Relu, Add of a constant, MatMul with a square weight.
+* an **unrelated op**: Relu, Add of a constant, MatMul with a square weight, or a plain
+  PyTorch-form LayerNorm (which must become a ``LayerNormalization``, never an RMSNorm).
 
 Properties, with ``lnfuse.optimize(model, rmsnorm=True)``: outputs equal the original's on ONNX
 Runtime (CPU, ``ORT_DISABLE_ALL``) within the chain's dtype tolerance; the output passes
 ``check_model(full_check=True)``; exactly the genuine blocks become ``RMSNormalization`` (plus at
-most the affine-free inner norm of a gamma-along-another-axis look-alike) and nothing becomes a
-``LayerNormalization``; every node of every look-alike is still there; optimizing again changes
+most the affine-free inner norm of a gamma-along-another-axis look-alike) and exactly the
+LayerNorm blocks a ``LayerNormalization``; every node of every look-alike is still there; optimizing again changes
 nothing. ``LNFUSE_HYPOTHESIS_PROFILE=long`` runs 500 examples per test instead of 25.
 """
 
@@ -71,7 +72,7 @@ MUTATIONS = (
     "extra_output",
     "sum_not_mean",
 )
-UNRELATED = ("relu", "add_const", "matmul")
+UNRELATED = ("relu", "add_const", "matmul", "layernorm")
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def specs(draw: st.DrawFn, genuine: float = 0.5, lookalike: float = 0.3, max_blo
 class Built:
     model: onnx.ModelProto
     genuine: int = 0
+    layernorms: int = 0
     inner_ok: int = 0  # look-alikes holding an exact affine-free RMSNorm that may be fused alone
     lookalike_nodes: dict[int, list[str]] = field(default_factory=dict)
     dtypes: set[int] = field(default_factory=set)
@@ -295,6 +297,15 @@ def _unrelated(bd: _Builder, kind: str, x: str, dt: int) -> str:
         return bd.op("Relu", [x])
     if kind == "add_const":
         return bd.op("Add", [x, bd.const(0.1 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")])
+    if kind == "layernorm":
+        d = bd.op("Sub", [x, bd.reduce("ReduceMean", x, [-1], "init")])
+        sq = bd.op("Pow", [d, bd.const(2.0, dt, "init")])
+        v = bd.op("Add", [bd.reduce("ReduceMean", sq, [-1], "init"), bd.const(1e-5, dt, "init")])
+        n = bd.op("Div", [d, bd.op("Sqrt", [v])])
+        g = bd.const(1.0 + 0.2 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")
+        return bd.op(
+            "Add", [bd.op("Mul", [n, g]), bd.const(0.1 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")]
+        )
     w = np.eye(bd.spec.hidden) + 0.1 * bd.rng.standard_normal((bd.spec.hidden, bd.spec.hidden))
     return bd.op("MatMul", [x, bd.const(w, dt, "init")])
 
@@ -307,6 +318,7 @@ def build(spec: Spec) -> Built:
         start = len(bd.names)
         if isinstance(b, str):
             cur = _unrelated(bd, b, cur, dt)
+            built.layernorms += b == "layernorm"
             continue
         cur = _rms_block(bd, b, cur, dt)
         if b.island:
@@ -377,7 +389,7 @@ def check_properties(spec: Spec) -> None:
     out, explain = result.model, result.report.render_text(explain=True)
     onnx.checker.check_model(out, full_check=True)
     ops = [n.op_type for n in out.graph.node]
-    assert "LayerNormalization" not in ops, explain
+    assert ops.count("LayerNormalization") == built.layernorms, explain
     n_rms = ops.count("RMSNormalization")
     assert built.genuine <= n_rms <= built.genuine + built.inner_ok, (
         f"{n_rms} fused, {built.genuine} genuine\n{explain}"

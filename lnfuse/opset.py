@@ -9,8 +9,9 @@ force at the old and the new opset:
 
 * same version: nothing to do;
 * a known exact conversion: applied (``ReduceSum`` / ``Squeeze`` / ``Unsqueeze``
-  axes and ``Split`` sizes move from attribute to input at 13; ``Dropout``'s
-  ``ratio`` attribute, meaningless in inference, is dropped at 12);
+  axes and ``Split`` sizes move from attribute to input at 13, an equal ``Split`` names its
+  ``num_outputs`` at 18; ``Dropout``'s ``ratio`` attribute, meaningless in inference, is
+  dropped at 12);
 * a known same-meaning change: accepted with a condition where one is needed
   (``Softmax`` / ``LogSoftmax`` / ``Hardmax`` only over the last axis, since
   opset 13 changed how other axes are read; ``BatchNormalization`` with a
@@ -170,13 +171,24 @@ def _rename_gridsample_mode(node: onnx.NodeProto, ctx: _Ctx) -> None:
         attr.s = renamed[attr.s]
 
 
-_CONVERT_AT: dict[str, tuple[int, Converter]] = {
-    "GridSample": (20, _rename_gridsample_mode),
-    "ReduceSum": (13, _move_ints_attr_to_input("axes", 1)),
-    "Squeeze": (13, _move_ints_attr_to_input("axes", 1)),
-    "Unsqueeze": (13, _move_ints_attr_to_input("axes", 1)),
-    "Split": (13, _move_ints_attr_to_input("split", 1)),
-    "Dropout": (12, _drop_attr("ratio")),
+def _split_count(node: onnx.NodeProto, ctx: _Ctx) -> None:
+    """Split-18 needs ``split`` sizes or ``num_outputs``: an equal split names its output count."""
+    if _equal_split(node):
+        node.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
+
+
+def _equal_split(node: onnx.NodeProto) -> bool:
+    return (len(node.input) < 2 or not node.input[1]) and _attr(node, "split") is None
+
+
+# op -> the exact conversions it needs, each with the opset it is needed from (in that order).
+_CONVERT_AT: dict[str, tuple[tuple[int, Converter], ...]] = {
+    "GridSample": ((20, _rename_gridsample_mode),),
+    "ReduceSum": ((13, _move_ints_attr_to_input("axes", 1)),),
+    "Squeeze": ((13, _move_ints_attr_to_input("axes", 1)),),
+    "Unsqueeze": ((13, _move_ints_attr_to_input("axes", 1)),),
+    "Split": ((13, _move_ints_attr_to_input("split", 1)), (18, _split_count)),
+    "Dropout": ((12, _drop_attr("ratio")),),
 }
 for _op in (
     "ReduceMean",
@@ -189,7 +201,7 @@ for _op in (
     "ReduceLogSumExp",
     "ReduceSumSquare",
 ):
-    _CONVERT_AT[_op] = (18, _move_ints_attr_to_input("axes", 1))
+    _CONVERT_AT[_op] = ((18, _move_ints_attr_to_input("axes", 1)),)
 
 
 def _condition(node: onnx.NodeProto, old: int, ctx: _Ctx) -> str | None:
@@ -279,12 +291,16 @@ def _upgrade(
                 continue
             if op in _NEVER:
                 return f"{op} changes meaning between opset {from_v} and {target}"
-            conv = _CONVERT_AT.get(op)
-            if conv is not None and a < conv[0] <= b:
+            steps = [
+                convert
+                for since, convert in _CONVERT_AT.get(op, ())
+                if a < since <= b and (convert is not _split_count or _equal_split(node))
+            ]
+            if steps:
                 if where != "graph":
                     return f"{op} in {where} needs a conversion that model-local functions do not support"
-                if apply:
-                    conv[1](node, ctx)
+                for convert in steps if apply else ():
+                    convert(node, ctx)
                 continue
             if from_v < 11:
                 return f"{op} changed between opset {from_v} and {target} (schema {a} -> {b}); models below opset 11 are raised only when no op changed"

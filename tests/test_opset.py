@@ -146,6 +146,33 @@ def test_target_opset_18_converts_reduce_axes() -> None:
     np.testing.assert_allclose(_run(out, X), _run(m, X), rtol=1e-5, atol=1e-5)
 
 
+def test_equal_split_names_its_output_count_at_18() -> None:
+    """Split-18 takes ``split`` sizes or ``num_outputs``: an opset-11 / 13 equal split (neither)
+    raised to 18 gets ``num_outputs``; one with sizes keeps them and gets no count."""
+    for old in (11, 13):
+        for sizes in (None, [4, 12]):
+            kw = {} if sizes is None or old >= 13 else {"split": sizes}
+            ins = ["ln"] if sizes is None or old < 13 else ["ln", "sizes"]
+            inits = (
+                [numpy_helper.from_array(np.array(sizes or [0], np.int64), "sizes")] if len(ins) > 1 else []
+            )
+            extra = [
+                helper.make_node("Split", ins, ["p1", "p2"], axis=-1, **kw),
+                helper.make_node("Concat", ["p2", "p1"], ["y"], axis=-1),
+            ]
+            m = _model(extra, old, [2, 3, H], inits)
+            onnx.checker.check_model(m, full_check=True)
+            out = lnfuse.optimize(m, target_opset=18).model
+            assert opset_mod.default_opset(out) == 18
+            onnx.checker.check_model(out, full_check=True)
+            np.testing.assert_allclose(_run(out, X), _run(m, X), rtol=1e-5, atol=1e-5)
+            split = next(n for n in out.graph.node if n.op_type == "Split")
+            counts = [a.i for a in split.attribute if a.name == "num_outputs"]
+            assert counts == ([2] if sizes is None else []) and len(split.input) == (
+                1 if sizes is None else 2
+            )
+
+
 def test_min_ir_version() -> None:
     assert opset_mod.min_ir_version(17) == 8
     if onnx.defs.onnx_opset_version() >= 23:

@@ -15,11 +15,13 @@ force at the old and the new opset:
 * a known same-meaning change: accepted with a condition where one is needed
   (``Softmax`` / ``LogSoftmax`` / ``Hardmax`` only over the last axis, since
   opset 13 changed how other axes are read; ``BatchNormalization`` with a
-  single output; ``Resize`` without ``tf_half_pixel_for_nn``);
+  single output; ``Resize`` without ``tf_half_pixel_for_nn``; ``MaxPool`` /
+  ``AveragePool`` past opset 22 without ``ceil_mode``, since 22 drops a last window that
+  would start in the right padding);
 * any other change is accepted only when the new schema keeps every attribute
   of the old one and its inputs (types widened, attributes added with defaults
-  that keep the old behaviour: the opset 12-16 releases), and only from opset 11
-  upwards; below 11 (``Slice``, ``Pad``, ``Clip``, ``TopK``, ``Resize``... changed
+  that keep the old behaviour: the opset 12-16 releases; optional inputs added
+  after the old ones, as Pad's ``axes`` at 18), and only from opset 11 upwards; below 11 (``Slice``, ``Pad``, ``Clip``, ``TopK``, ``Resize``... changed
   meaning) only identical schemas pass.
 
 Anything else leaves the model unchanged, with the reason. ``RoiAlign`` (its
@@ -75,11 +77,16 @@ def _schema_version(op: str, opset: int) -> int | None:
 
 
 def _structurally_compatible(op: str, old: int, new: int) -> bool:
+    """The new schema keeps every attribute and input of the old one, in place; inputs it adds
+    are optional ones after them (Pad's ``axes`` at 18: absent, every axis is padded, as before)."""
     a = defs.get_schema(op, old, "")
     b = defs.get_schema(op, new, "")
     if not set(a.attributes) <= set(b.attributes):
         return False
-    if len(a.inputs) != len(b.inputs):
+    if len(a.inputs) > len(b.inputs):
+        return False
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    if any(y.option != optional for y in b.inputs[len(a.inputs) :]):
         return False
     return all(x.name == y.name for x, y in zip(a.inputs, b.inputs, strict=False))
 
@@ -96,6 +103,7 @@ class _Ctx:
 
 
 _SOFTMAX_FAMILY = ("Softmax", "LogSoftmax", "Hardmax")
+_POOLS = ("MaxPool", "AveragePool")  # opset 22: a ceil_mode window may no longer start in the padding
 # Ops whose change is judged by _condition (not by their signature).
 _CONDITIONAL = (*_SOFTMAX_FAMILY, "BatchNormalization", "Resize")
 
@@ -204,9 +212,15 @@ for _op in (
     _CONVERT_AT[_op] = ((18, _move_ints_attr_to_input("axes", 1)),)
 
 
-def _condition(node: onnx.NodeProto, old: int, ctx: _Ctx) -> str | None:
-    """None if this op's change between versions does not affect ``node``, else why it does."""
+def _condition(node: onnx.NodeProto, old: int, new_schema: int, ctx: _Ctx) -> str | None:
+    """None if this op's change between versions does not affect ``node`` (``new_schema``: the
+    schema version it moves to), else why it does."""
     op = node.op_type
+    if op in _POOLS and new_schema >= 22 and old < 22:
+        attr = _attr(node, "ceil_mode")
+        if attr is not None and attr.i:
+            return f"{op} with ceil_mode=1 changed at opset 22 (windows that start in the right padding are dropped)"
+        return None
     if op in _SOFTMAX_FAMILY and old < 13:
         attr = _attr(node, "axis")
         axis = int(attr.i) if attr is not None else 1
@@ -304,7 +318,7 @@ def _upgrade(
                 continue
             if from_v < 11:
                 return f"{op} changed between opset {from_v} and {target} (schema {a} -> {b}); models below opset 11 are raised only when no op changed"
-            cond = _condition(node, from_v, ctx)
+            cond = _condition(node, from_v, b, ctx)
             if cond is not None and op in _SOFTMAX_FAMILY and where == "graph" and target >= 14:
                 # Opset-11 semantics, exactly: coerce to 2-D at ``axis``, normalize rows, reshape back.
                 if apply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
@@ -171,6 +172,29 @@ def test_equal_split_names_its_output_count_at_18() -> None:
             assert counts == ([2] if sizes is None else []) and len(split.input) == (
                 1 if sizes is None else 2
             )
+
+
+@pytest.mark.needs_opset(22)
+def test_ceil_mode_pools_are_not_raised_past_22() -> None:
+    """MaxPool / AveragePool 22 drop a last ceil_mode window that would start in the right padding
+    (here: 5 columns at opset 13, 4 at 22), so a ceil_mode pool blocks a raise past 21 only."""
+    for op in ("MaxPool", "AveragePool"):
+        for ceil in (0, 1):
+            extra = [
+                helper.make_node("Reshape", ["ln", "shape4"], ["x4"]),
+                helper.make_node(
+                    op, ["x4"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 1], ceil_mode=ceil
+                ),
+            ]
+            shape4 = numpy_helper.from_array(np.array([2, 1, 3, H], np.int64), "shape4")
+            m = _model(extra, 13, [2, 1, 1 + ceil, H // 2 + ceil], [shape4])
+            onnx.checker.check_model(m, full_check=True)
+            why = opset_mod.plan(m, 22)
+            assert (why is not None) == bool(ceil) and opset_mod.plan(m, 21) is None
+            if ceil:
+                assert "ceil_mode" in why
+            out = lnfuse.optimize(m, target_opset=21).model
+            np.testing.assert_allclose(_run(out, X), _run(m, X), rtol=1e-5, atol=1e-5)
 
 
 def test_min_ir_version() -> None:

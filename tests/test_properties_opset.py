@@ -90,6 +90,15 @@ _CHOICES: dict[str, dict[str, list[Any]]] = {
     "where": {},
     "shape": {"op": ["Shape", "Size"]},
     "unary": {"op": ["LeakyRelu", "Elu", "HardSigmoid", "Selu"]},
+    "scatter": {"op": ["ScatterElements", "ScatterND"]},
+    "quantize": {"per_axis": [False, True]},
+    "conv": {"op": ["Conv", "ConvTranspose"]},
+    "lstm": {"op": ["LSTM", "GRU", "RNN"]},
+    "resize_sizes": {"mode": ["cubic", "nearest"], "exclude": [0, 1]},
+    "lppool": {"p": [1, 2]},
+    "dropout": {},
+    "if_body": {"then": [True, False]},
+    "loop_body": {},
 }
 
 
@@ -167,7 +176,12 @@ def _four_d(b: _Builder, y: str, shape: list[int]) -> str:
 
 def _emit(b: _Builder, spec: OpSpec, y: str) -> None:
     """The op of ``spec`` reading ``y``, its outputs made graph outputs."""
-    outs = _emit_first(b, spec, y) if spec.kind in _FIRST else _emit_second(b, spec, y)
+    if spec.kind in _FIRST:
+        outs = _emit_first(b, spec, y)
+    elif spec.kind in _THIRD:
+        outs = _emit_third(b, spec, y)
+    else:
+        outs = _emit_second(b, spec, y)
     for name, dtype in outs:
         b.output(name, dtype)
 
@@ -264,6 +278,115 @@ def _emit_second(b: _Builder, spec: OpSpec, y: str) -> list[tuple[str, int]]:
     return outs
 
 
+_THIRD = ("scatter", "quantize", "conv", "lstm", "resize_sizes", "lppool", "dropout", "if_body", "loop_body")
+
+
+def _emit_third(b: _Builder, spec: OpSpec, y: str) -> list[tuple[str, int]]:
+    k, get = spec.kind, spec.get
+    rng = np.random.default_rng(2)
+    if k == "scatter":
+        if get("op") == "ScatterElements":
+            ins = [
+                y,
+                b.const(rng.integers(0, 3, (2, 1, 8)), np.int64),
+                b.const(rng.standard_normal((2, 1, 8))),
+            ]
+            return [(b.op("ScatterElements", ins, axis=1)[0], F32)]
+        ins = [y, b.const([[0, 1]], np.int64), b.const(rng.standard_normal((1, 8)))]
+        return [(b.op("ScatterND", ins)[0], F32)]
+    if k == "quantize":
+        per_axis = get("per_axis") and b.opset >= 13
+        scale = b.const(0.02 + 0.01 * rng.random(8) if per_axis else 0.02)
+        zero = b.const(np.full(8, 128) if per_axis else 128, np.uint8)
+        attrs = {"axis": 2} if per_axis else {}
+        q = b.op("QuantizeLinear", [y, scale, zero], **attrs)[0]
+        return [(q, TensorProto.UINT8), (b.op("DequantizeLinear", [q, scale, zero], **attrs)[0], F32)]
+    if k == "conv":
+        x4 = _four_d(b, y, [2, 3, 8, 1])
+        shape = (4, 3, 3, 1) if get("op") == "Conv" else (3, 4, 3, 1)
+        w = b.const(0.3 * rng.standard_normal(shape))
+        return [(b.op(get("op"), [x4, w], pads=[1, 0, 1, 0])[0], F32)]
+    if k == "lstm":
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[get("op")]
+        w, r = (
+            b.const(0.3 * rng.standard_normal((1, gates * 4, 8))),
+            b.const(0.3 * rng.standard_normal((1, gates * 4, 4))),
+        )
+        y_all, y_h = b.op(get("op"), [y, w, r], 2, hidden_size=4)
+        return [(y_all, F32), (y_h, F32)]
+    if k == "resize_sizes":
+        attrs = (
+            {"mode": get("mode"), "exclude_outside": get("exclude")}
+            if get("mode") == "cubic"
+            else {"mode": "nearest"}
+        )
+        ins = [
+            _four_d(b, y, [2, 1, 3, 8]),
+            b.const(np.zeros(0)),
+            b.const(np.zeros(0)),
+            b.const([2, 1, 5, 12], np.int64),
+        ]
+        return [(b.op("Resize", ins, **attrs)[0], F32)]
+    if k == "lppool":
+        return [(b.op("LpPool", [_four_d(b, y, [2, 1, 3, 8])], kernel_shape=[2, 2], p=get("p"))[0], F32)]
+    if k == "dropout":
+        return [(b.op("Dropout", [y], ratio=0.3)[0] if b.opset < 12 else b.op("Dropout", [y])[0], F32)]
+    return _emit_body(b, spec, y)
+
+
+def _subgraph(b: _Builder, name: str, make: Any, inputs: list[onnx.ValueInfoProto]) -> onnx.GraphProto:
+    """A body built with ``b`` (its ops go into the body, its constants into the main graph)."""
+    saved, b.nodes = b.nodes, []
+    outputs = make()
+    nodes, b.nodes = b.nodes, saved
+    return helper.make_graph(nodes, name, inputs, outputs)
+
+
+def _emit_body(b: _Builder, spec: OpSpec, y: str) -> list[tuple[str, int]]:
+    """An If whose branches, or a Loop whose body, holds ops that change between opsets (attribute
+    axes, an equal Split, a Softmax over axis 1), reading ``y`` from the outer scope."""
+    if spec.kind == "if_body":
+
+        def then() -> list[onnx.ValueInfoProto]:
+            sm = b.op("Softmax", [y], axis=1)[0]
+            return [
+                helper.make_tensor_value_info(
+                    b.op("Concat", b.op("Split", [sm], 2, axis=2), axis=2)[0], F32, SHAPE
+                )
+            ]
+
+        def other() -> list[onnx.ValueInfoProto]:
+            u = b.ints("Unsqueeze", y, "axes", [0], 13)[0]
+            return [helper.make_tensor_value_info(b.ints("Squeeze", u, "axes", [0], 13)[0], F32, SHAPE)]
+
+        total = b.ints("ReduceSum", y, "axes", None, 13, keepdims=0)[0]
+        cond = b.op("Greater", [total, b.const(-1e9 if spec.get("then") else 1e9)])[0]
+        branches = {
+            "then_branch": _subgraph(b, "then", then, []),
+            "else_branch": _subgraph(b, "else", other, []),
+        }
+        return [(b.op("If", [cond], **branches)[0], F32)]
+
+    def body() -> list[onnx.ValueInfoProto]:
+        r = b.ints("ReduceSum", "v", "axes", [-1], 13, keepdims=1)[0]
+        sq = b.ints("Squeeze", b.ints("Unsqueeze", "v", "axes", [0], 13)[0], "axes", [0], 13)[0]
+        nxt = b.op("Add", [b.op("Mul", [sq, b.const(0.5)])[0], r])[0]
+        return [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(nxt, F32, SHAPE),
+        ]
+
+    inputs = [
+        helper.make_tensor_value_info("i", I64, []),
+        helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("v", F32, SHAPE),
+    ]
+    loop = b.op(
+        "Loop", [b.const(2, np.int64), b.const(True, np.bool_), y], 1, body=_subgraph(b, "body", body, inputs)
+    )
+    return [(loop[0], F32)]
+
+
 def build(spec: Spec) -> onnx.ModelProto:
     b = _Builder(spec.opset)
     y = _layernorm(b)
@@ -276,7 +399,11 @@ def build(spec: Spec) -> onnx.ModelProto:
     done = onnx.shape_inference.infer_shapes(model).graph
     inferred = {vi.name: vi for vi in (*done.value_info, *done.output)}
     for out in model.graph.output:  # the outputs' shapes as ONNX infers them (the checker wants one)
-        out.type.CopyFrom(inferred[out.name].type)
+        found = inferred[out.name].type
+        if found.tensor_type.HasField("shape"):
+            out.type.CopyFrom(found)
+        else:  # a Loop's final value: inference leaves its shape open; it is y's
+            out.type.CopyFrom(helper.make_tensor_type_proto(found.tensor_type.elem_type, SHAPE))
     return model
 
 

@@ -413,17 +413,20 @@ def check_properties(spec: Spec) -> None:
 @_SETTINGS
 @given(specs())
 def test_mixed_rms_chains(spec: Spec) -> None:
+    """RMSNorms, look-alikes, LayerNorms and unrelated ops, mixed."""
     check_properties(spec)
 
 
 @_SETTINGS
 @given(specs(genuine=0.8, lookalike=0.0, max_blocks=3))
 def test_genuine_rms_chains(spec: Spec) -> None:
+    """Only genuine RMSNorms (and unrelated ops): every one must be fused."""
     check_properties(spec)
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_each_rms_mutation_is_refused(mutation: str) -> None:
+    """One deterministic look-alike per mutation, in fp32 and fp16."""
     for dtype in (F32, F16):
         check_properties(Spec(dtype, 18, 2, 3, 8, (RMSBlock(mutation=mutation), "relu"), seed=7))
 

@@ -204,6 +204,13 @@ def _step_slice(mg: ModelGraph, t: ir.Tensor) -> _Slice | None:
         return _slice_step(mg, p, squeeze_axis, nodes)
     if p.op == "Split":
         return _split_step(mg, p, u, squeeze_axis, nodes)
+    if p.op == "Gather":
+        # Gather(X, [i]) keeps the time axis (size 1) for the Squeeze to drop; a scalar index has
+        # dropped it already, and the Squeeze would take another axis.
+        cut = _gather_step(mg, p)
+        if cut is None or not cut.keepdim:
+            return None
+        return replace(cut, keepdim=False, squeeze_axis=squeeze_axis, nodes=[*nodes, p])
     return None
 
 

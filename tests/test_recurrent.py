@@ -321,10 +321,13 @@ def build_rnn(
         src = "x2" if second_input_from is not None and t >= second_input_from else "x"
         xt = f"x_t{t}"
         idx = t - T if negative_index else t
-        if slicer in ("gather", "gather1d"):
+        if slicer in ("gather", "gather1d", "gather1d_squeeze"):
             value = np.array(idx if slicer == "gather" else [idx], np.int64)
             nodes.append(helper.make_node("Constant", [], [f"idx{t}"], value=numpy_helper.from_array(value)))
-            nodes.append(helper.make_node("Gather", [src, f"idx{t}"], [xt], name=f"Gather{t}", axis=ta))
+            out = f"x_cut{t}" if slicer == "gather1d_squeeze" else xt
+            nodes.append(helper.make_node("Gather", [src, f"idx{t}"], [out], name=f"Gather{t}", axis=ta))
+            if slicer == "gather1d_squeeze":
+                nodes.append(helper.make_node("Squeeze", [out, "sq_axes"], [xt], name=f"Squeeze{t}"))
         elif slicer in ("slice", "slice_squeeze"):
             for nm, v in (("s", idx), ("e", idx + 1 if idx != -1 else 2**62), ("a", ta)):
                 inits.append(numpy_helper.from_array(np.array([v], np.int64), f"{nm}{t}"))
@@ -374,7 +377,7 @@ def build_rnn(
         nodes.append(helper.make_node("Add", [ln, f"hu{t}"], [f"pre{t}"], name=f"AddH{t}"))
         nodes.append(helper.make_node("Tanh", [f"pre{t}"], [f"h{t}"], name=f"Tanh{t}"))
         h = f"h{t}"
-    if slicer in ("slice_squeeze", "split_squeeze"):
+    if slicer in ("slice_squeeze", "split_squeeze", "gather1d_squeeze"):
         inits.append(numpy_helper.from_array(np.array([ta], np.int64), "sq_axes"))
     graph = helper.make_graph(
         nodes,
@@ -411,7 +414,9 @@ def _hoist_check(
     return res
 
 
-@pytest.mark.parametrize("slicer", ["gather", "gather1d", "slice", "slice_squeeze", "split_squeeze"])
+@pytest.mark.parametrize(
+    "slicer", ["gather", "gather1d", "gather1d_squeeze", "slice", "slice_squeeze", "split_squeeze"]
+)
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 def test_hoist_slicing_forms(slicer: str, batch_first: bool) -> None:
     model = build_rnn(6, slicer=slicer, batch_first=batch_first)

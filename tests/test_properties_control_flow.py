@@ -1,0 +1,222 @@
+"""Property-based tests for norms inside control flow: random If / Loop / Scan nestings.
+
+A generator of its own wraps decomposed LayerNorms (``LN(x) * gamma + beta``, PyTorch form) in a
+random nesting, up to three deep, of ``If`` branches (the condition a graph input, so both
+branches run), ``Loop`` bodies (the norm applied to the loop-carried value, a fixed trip count)
+and ``Scan`` bodies (the norm applied to each scanned row; one Scan a nesting). Each norm's gamma / beta / eps live
+where the draw puts them: initializers of the main graph (read from the outer scope), Constant
+nodes inside the body, or initializers of the body itself. At most one look-alike is drawn (the
+variance of ``x`` instead of ``x - mean``; ``mean - x``), which must stay as it is.
+
+Properties of ``lnfuse.optimize``: the output passes ``check_model(full_check=True)``; every
+genuine norm, in whatever body, is one ``LayerNormalization`` and the look-alike none; the
+outputs equal the original's on ONNX Runtime (``ORT_DISABLE_ALL``) with the condition true and
+false; optimizing again changes nothing. ``LNFUSE_HYPOTHESIS_PROFILE=long`` runs 500 examples.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import lnfuse
+from lnfuse.protos import iter_nodes
+
+_SETTINGS = settings(
+    max_examples=500 if os.environ.get("LNFUSE_HYPOTHESIS_PROFILE") == "long" else 25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+F32, BOOL, I64 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT64
+S, H = 3, 6  # x: [S, H]; a Scan scans its rows
+WRAPS = ("if", "loop", "scan")
+PARAMS = ("outer", "constant", "body_init")
+LOOKALIKES = (None, None, None, "var_of_x", "mean_minus_x")
+
+
+@dataclass(frozen=True)
+class Spec:
+    wraps: tuple[str, ...]  # outermost first
+    params: str  # where each norm's gamma / beta / eps are
+    norms_per_body: int
+    lookalike: str | None
+    seed: int
+
+
+specs = st.builds(
+    Spec,
+    wraps=st.lists(st.sampled_from(WRAPS), min_size=1, max_size=3)
+    .map(tuple)
+    .filter(lambda w: w.count("scan") <= 1),
+    params=st.sampled_from(PARAMS),
+    norms_per_body=st.integers(1, 2),
+    lookalike=st.sampled_from(LOOKALIKES),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+class _Builder:
+    """Nodes go into the graph being built (``self.nodes``); outer initializers into ``main_inits``."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.rng = np.random.default_rng(spec.seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.body_inits: list[onnx.TensorProto] = []
+        self.main_inits: list[onnx.TensorProto] = []
+        self.count = 0
+        self.genuine = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: Any) -> list[str]:
+        name = self.name(f"n_{op_type}_")
+        outs = [f"{name}:{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs
+
+    def const(self, value: Any, where: str = "outer", dtype: Any = np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        if where == "constant":
+            return self.op("Constant", [], value=numpy_helper.from_array(arr))[0]
+        name = self.name("c")
+        (self.main_inits if where == "outer" else self.body_inits).append(numpy_helper.from_array(arr, name))
+        return name
+
+
+def _norm(b: _Builder, x: str, look: str | None) -> str:
+    """``LN(x) * gamma + beta`` over the last axis, or the drawn look-alike of it."""
+    where = b.spec.params
+    gamma = b.const(1.0 + 0.2 * b.rng.standard_normal(H), where)
+    beta = b.const(0.1 * b.rng.standard_normal(H), where)
+    m = b.op("ReduceMean", [x], axes=[-1])[0]
+    d = b.op("Sub", [m, x] if look == "mean_minus_x" else [x, m])[0]
+    v = b.op("ReduceMean", [b.op("Mul", [x, x] if look == "var_of_x" else [d, d])[0]], axes=[-1])[0]
+    n = b.op("Div", [d, b.op("Sqrt", [b.op("Add", [v, b.const(1e-5, where)])[0]])[0]])[0]
+    b.genuine += look is None
+    return b.op("Add", [b.op("Mul", [n, gamma])[0], beta])[0]
+
+
+def _norms(b: _Builder, x: str, look: str | None) -> str:
+    for i in range(b.spec.norms_per_body):
+        x = _norm(b, x, look if i == 0 else None)
+        x = b.op("Tanh", [x])[0]  # between two norms: keeps them apart
+    return x
+
+
+def _body(b: _Builder, make: Any, inputs: list[onnx.ValueInfoProto], name: str) -> onnx.GraphProto:
+    saved, saved_inits = b.nodes, b.body_inits
+    b.nodes, b.body_inits = [], []
+    outputs = make()
+    graph = helper.make_graph(b.nodes, name, inputs, outputs, b.body_inits)
+    b.nodes, b.body_inits = saved, saved_inits
+    return graph
+
+
+def _wrap(b: _Builder, wraps: tuple[str, ...], x: str, look: str | None, shape: list[int]) -> str:
+    """``x`` (of ``shape``: [S, H], or [H] inside a Scan) through the nesting ``wraps``; the
+    innermost body holds the norms."""
+    if not wraps:
+        return _norms(b, x, look)
+    kind, inner = wraps[0], wraps[1:]
+    if kind == "if":
+
+        def then() -> list[onnx.ValueInfoProto]:
+            return [helper.make_tensor_value_info(_wrap(b, inner, x, look, shape), F32, shape)]
+
+        def other() -> list[onnx.ValueInfoProto]:
+            return [
+                helper.make_tensor_value_info(b.op("Neg", [_wrap(b, inner, x, None, shape)])[0], F32, shape)
+            ]
+
+        branches = {"then_branch": _body(b, then, [], "then"), "else_branch": _body(b, other, [], "else")}
+        return b.op("If", ["cond"], **branches)[0]
+    if kind == "loop":
+        v = b.name("v")
+
+        def step() -> list[onnx.ValueInfoProto]:
+            out = b.op("Mul", [_wrap(b, inner, v, look, shape), b.const(1.5, "outer")])[0]
+            return [
+                helper.make_tensor_value_info(b.op("Identity", ["lc"])[0], BOOL, []),
+                helper.make_tensor_value_info(out, F32, shape),
+            ]
+
+        ins = [
+            helper.make_tensor_value_info(b.name("i"), I64, []),
+            helper.make_tensor_value_info("lc", BOOL, []),
+            helper.make_tensor_value_info(v, F32, shape),
+        ]
+        trips, keep = b.const(2, "outer", np.int64), b.const(True, "outer", np.bool_)
+        return b.op("Loop", [trips, keep, x], body=_body(b, step, ins, "body"))[0]
+    row = b.name("row")
+
+    def scan() -> list[onnx.ValueInfoProto]:
+        return [helper.make_tensor_value_info(_wrap(b, inner, row, look, shape[1:]), F32, shape[1:])]
+
+    body = _body(b, scan, [helper.make_tensor_value_info(row, F32, shape[1:])], "scan")
+    return b.op("Scan", [x], body=body, num_scan_inputs=1)[0]
+
+
+def build(spec: Spec) -> tuple[onnx.ModelProto, int]:
+    """The model and how many genuine norms it holds (in every body together)."""
+    b = _Builder(spec)
+    y = _wrap(b, spec.wraps, "x", spec.lookalike, [S, H])
+    graph = helper.make_graph(
+        b.nodes,
+        "cf",
+        [helper.make_tensor_value_info("x", F32, [S, H]), helper.make_tensor_value_info("cond", BOOL, [])],
+        [helper.make_tensor_value_info(y, F32, [S, H])],
+        b.main_inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, b.genuine
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)[0]
+
+
+def check_properties(spec: Spec) -> None:
+    model, genuine = build(spec)
+    if currently_in_test_context():
+        note(repr(spec))
+    onnx.checker.check_model(model, full_check=True)
+    result = lnfuse.optimize(model)
+    out, text = result.model, result.report.render_text(explain=True)
+    onnx.checker.check_model(out, full_check=True)
+    fused = sum(1 for n in iter_nodes(out.graph) if n.op_type == "LayerNormalization")
+    assert fused == genuine, f"{fused} LayerNormalization, {genuine} genuine norms\n{text}"
+    x = (np.random.default_rng(spec.seed).standard_normal((S, H)) + 0.5).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        a, c = _run(model, feed), _run(out, feed)
+        assert float(np.max(np.abs(a - c))) <= 1e-4 * max(1.0, float(np.max(np.abs(a)))), text
+    assert lnfuse.optimize(out).changed is False
+
+
+@_SETTINGS
+@given(specs)
+def test_norms_in_control_flow_bodies(spec: Spec) -> None:
+    check_properties(spec)
+
+
+def test_each_wrap_with_each_parameter_place() -> None:
+    """Every body kind, alone and inside every other (one Scan at most: a row has no rows), with
+    the parameters in each place."""
+    for outer in WRAPS:
+        for inner in ((), *((w,) for w in WRAPS if (outer, w) != ("scan", "scan"))):
+            for params in PARAMS:
+                check_properties(Spec((outer, *inner), params, 2, None, seed=5))

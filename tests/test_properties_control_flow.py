@@ -1,15 +1,18 @@
 """Property-based tests for norms inside control flow: random If / Loop / Scan nestings.
 
-A generator of its own wraps decomposed LayerNorms (``LN(x) * gamma + beta``, PyTorch form) in a
+A generator of its own wraps decomposed LayerNorms (``LN(x) * gamma + beta``, PyTorch form) or
+RMSNorms (``x / sqrt(mean(x**2) + eps) * gamma``, ``rmsnorm=True``: the opset raised to 23) in a
 random nesting, up to three deep, of ``If`` branches (the condition a graph input, so both
 branches run), ``Loop`` bodies (the norm applied to the loop-carried value, a fixed trip count)
-and ``Scan`` bodies (the norm applied to each scanned row; one Scan a nesting). Each norm's gamma / beta / eps live
-where the draw puts them: initializers of the main graph (read from the outer scope), Constant
-nodes inside the body, or initializers of the body itself. At most one look-alike is drawn (the
-variance of ``x`` instead of ``x - mean``; ``mean - x``), which must stay as it is.
+and ``Scan`` bodies (the norm applied to each scanned row; one Scan a nesting). Each norm's
+gamma / beta / eps live where the draw puts them: initializers of the main graph (read from the
+outer scope), Constant nodes inside the body, or initializers of the body itself. At most one
+look-alike is drawn (for a LayerNorm the variance of ``x`` instead of ``x - mean``, or
+``mean - x``; for an RMSNorm a centred numerator, or the variance in the denominator), which must
+stay as it is.
 
 Properties of ``lnfuse.optimize``: the output passes ``check_model(full_check=True)``; every
-genuine norm, in whatever body, is one ``LayerNormalization`` and the look-alike none; the
+genuine norm, in whatever body, is one fused op of its kind, the look-alike none; the
 outputs equal the original's on ONNX Runtime (``ORT_DISABLE_ALL``) with the condition true and
 false; optimizing again changes nothing. ``LNFUSE_HYPOTHESIS_PROFILE=long`` runs 500 examples.
 """
@@ -40,11 +43,15 @@ S, H = 3, 6  # x: [S, H]; a Scan scans its rows
 WRAPS = ("if", "loop", "scan")
 PARAMS = ("outer", "constant", "body_init")
 LOOKALIKES = (None, None, None, "var_of_x", "mean_minus_x")
+# RMSNorm (``rmsnorm=True``) needs opset 23, which onnx has from 1.18 on.
+KINDS = ("ln", "rms") if onnx.defs.onnx_opset_version() >= 23 else ("ln",)
+FUSED = {"ln": "LayerNormalization", "rms": "RMSNormalization"}
 
 
 @dataclass(frozen=True)
 class Spec:
     wraps: tuple[str, ...]  # outermost first
+    kind: str  # ln | rms: every norm of the model
     params: str  # where each norm's gamma / beta / eps are
     norms_per_body: int
     lookalike: str | None
@@ -56,6 +63,7 @@ specs = st.builds(
     wraps=st.lists(st.sampled_from(WRAPS), min_size=1, max_size=3)
     .map(tuple)
     .filter(lambda w: w.count("scan") <= 1),
+    kind=st.sampled_from(KINDS),
     params=st.sampled_from(PARAMS),
     norms_per_body=st.integers(1, 2),
     lookalike=st.sampled_from(LOOKALIKES),
@@ -95,16 +103,25 @@ class _Builder:
 
 
 def _norm(b: _Builder, x: str, look: str | None) -> str:
-    """``LN(x) * gamma + beta`` over the last axis, or the drawn look-alike of it."""
-    where = b.spec.params
+    """``LN(x) * gamma + beta`` (or ``x / rms(x) * gamma``) over the last axis, or the drawn
+    look-alike of it: for an RMSNorm ``mean_minus_x`` centres the numerator and ``var_of_x`` puts
+    the variance in the denominator."""
+    where, rms = b.spec.params, b.spec.kind == "rms"
     gamma = b.const(1.0 + 0.2 * b.rng.standard_normal(H), where)
     beta = b.const(0.1 * b.rng.standard_normal(H), where)
     m = b.op("ReduceMean", [x], axes=[-1])[0]
     d = b.op("Sub", [m, x] if look == "mean_minus_x" else [x, m])[0]
-    v = b.op("ReduceMean", [b.op("Mul", [x, x] if look == "var_of_x" else [d, d])[0]], axes=[-1])[0]
-    n = b.op("Div", [d, b.op("Sqrt", [b.op("Add", [v, b.const(1e-5, where)])[0]])[0]])[0]
+    if rms:
+        sq = b.op("Mul", [d, d] if look == "var_of_x" else [x, x])[0]
+        num = d if look == "mean_minus_x" else x
+    else:
+        sq = b.op("Mul", [x, x] if look == "var_of_x" else [d, d])[0]
+        num = d
+    v = b.op("ReduceMean", [sq], axes=[-1])[0]
+    n = b.op("Div", [num, b.op("Sqrt", [b.op("Add", [v, b.const(1e-5, where)])[0]])[0]])[0]
     b.genuine += look is None
-    return b.op("Add", [b.op("Mul", [n, gamma])[0], beta])[0]
+    scaled = b.op("Mul", [n, gamma])[0]
+    return scaled if rms else b.op("Add", [scaled, beta])[0]
 
 
 def _norms(b: _Builder, x: str, look: str | None) -> str:
@@ -194,17 +211,19 @@ def check_properties(spec: Spec) -> None:
     if currently_in_test_context():
         note(repr(spec))
     onnx.checker.check_model(model, full_check=True)
-    result = lnfuse.optimize(model)
+    result = lnfuse.optimize(model, rmsnorm=spec.kind == "rms")
     out, text = result.model, result.report.render_text(explain=True)
     onnx.checker.check_model(out, full_check=True)
-    fused = sum(1 for n in iter_nodes(out.graph) if n.op_type == "LayerNormalization")
+    fused = sum(1 for n in iter_nodes(out.graph) if n.op_type == FUSED[spec.kind])
+    other = sum(1 for n in iter_nodes(out.graph) if n.op_type in FUSED.values()) - fused
+    assert other == 0, f"{other} norms of the other kind\n{text}"
     assert fused == genuine, f"{fused} LayerNormalization, {genuine} genuine norms\n{text}"
     x = (np.random.default_rng(spec.seed).standard_normal((S, H)) + 0.5).astype(np.float32)
     for cond in (True, False):
         feed = {"x": x, "cond": np.array(cond)}
         a, c = _run(model, feed), _run(out, feed)
         assert float(np.max(np.abs(a - c))) <= 1e-4 * max(1.0, float(np.max(np.abs(a)))), text
-    assert lnfuse.optimize(out).changed is False
+    assert lnfuse.optimize(out, rmsnorm=spec.kind == "rms").changed is False
 
 
 @_SETTINGS
@@ -219,4 +238,5 @@ def test_each_wrap_with_each_parameter_place() -> None:
     for outer in WRAPS:
         for inner in ((), *((w,) for w in WRAPS if (outer, w) != ("scan", "scan"))):
             for params in PARAMS:
-                check_properties(Spec((outer, *inner), params, 2, None, seed=5))
+                for kind in KINDS:
+                    check_properties(Spec((outer, *inner), kind, params, 2, None, seed=5))

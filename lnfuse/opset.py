@@ -21,7 +21,8 @@ force at the old and the new opset:
 * any other change is accepted only when the new schema keeps every attribute
   of the old one and its inputs (types widened, attributes added with defaults
   that keep the old behaviour: the opset 12-16 releases; optional inputs added
-  after the old ones, as Pad's ``axes`` at 18), and only from opset 11 upwards; below 11 (``Slice``, ``Pad``, ``Clip``, ``TopK``, ``Resize``... changed
+  after the old ones, as Pad's ``axes`` at 18), and only from opset 11 upwards;
+  below 11 (``Slice``, ``Pad``, ``Clip``, ``TopK``, ``Resize``... changed
   meaning) only identical schemas pass.
 
 Anything else leaves the model unchanged, with the reason. ``RoiAlign`` (its

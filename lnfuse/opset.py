@@ -113,7 +113,9 @@ def _expand_softmax(graph: onnx.GraphProto, outputs: set[str]) -> None:
     """Replace each opset<13 ``Softmax(x, axis=a)`` whose output is in ``outputs`` by
     ``Reshape(Softmax(Flatten(x, a), axis=-1), Shape(x))``: the old definition, spelled in ops
     whose meaning does not change (exact for any rank)."""
-    for g in list(iter_graphs(graph)):
+    # Bodies before the graphs that hold them: rebuilding a graph's node list copies its nodes,
+    # so a body edited after its parent was rebuilt would be a detached copy's.
+    for g in reversed(list(iter_graphs(graph))):
         new_nodes: list[onnx.NodeProto] = []
         changed = False
         for node in g.node:

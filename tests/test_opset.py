@@ -94,6 +94,38 @@ def test_softmax_over_non_last_axis_is_rewritten_exactly() -> None:
     np.testing.assert_allclose(_run(res.model, X), _run(m, X), rtol=1e-5, atol=1e-6)
 
 
+def test_softmax_in_a_branch_and_in_its_parent_are_both_rewritten() -> None:
+    """An opset-11 Softmax(axis=1) in an If branch is rewritten even when one in the main graph is
+    too: the main graph's rebuilt node list must carry the rewritten branch, not the old one."""
+    branch = helper.make_graph(
+        [helper.make_node("Softmax", ["ln"], ["in_branch"], axis=1)],
+        "then",
+        [],
+        [helper.make_tensor_value_info("in_branch", TP.FLOAT, [2, 3, H])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["ln"], ["neg"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("neg", TP.FLOAT, [2, 3, H])],
+    )
+    extra = [
+        helper.make_node("Softmax", ["ln"], ["main_sm"], axis=0),
+        helper.make_node("ReduceSum", ["main_sm"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other),
+    ]
+    m = _model(extra, 11, [2, 3, H], [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    onnx.checker.check_model(m, full_check=True)
+    out = lnfuse.optimize(m).model
+    assert opset_mod.default_opset(out) == 17
+    body = next(
+        a.g for n in out.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"
+    )
+    assert [n.op_type for n in body.node] == ["Flatten", "Softmax", "Shape", "Reshape"]
+    np.testing.assert_allclose(_run(out, X), _run(m, X), rtol=1e-5, atol=1e-6)
+
+
 def test_roialign_blocks_the_raise() -> None:
     rois = numpy_helper.from_array(np.array([[0, 0, 1, 1]], np.float32), "rois")
     idx = numpy_helper.from_array(np.array([0], np.int64), "bi")

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
+from hypothesis import HealthCheck, currently_in_test_context, example, given, note, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -448,6 +448,14 @@ def check_properties(spec: Spec) -> None:
 
 @_SETTINGS
 @given(specs)
+@example(  # a Softmax rewritten in the main graph left the one in the If branch as it was
+    Spec(
+        11,
+        None,
+        (OpSpec("if_body", (("then", True),)), OpSpec("softmax", (("axis", 0), ("op", "Softmax")))),
+        0,
+    )
+)
 def test_raised_models_compute_the_same(spec: Spec) -> None:
     check_properties(spec)
 

@@ -344,7 +344,8 @@ def _subgraph(b: _Builder, name: str, make: Any, inputs: list[onnx.ValueInfoProt
 
 def _emit_body(b: _Builder, spec: OpSpec, y: str) -> list[tuple[str, int]]:
     """An If whose branches, or a Loop whose body, holds ops that change between opsets (attribute
-    axes, an equal Split, a Softmax over axis 1), reading ``y`` from the outer scope."""
+    axes, an equal Split, a Softmax over axis 1), reading ``y`` from the outer scope (a Loop: its
+    carried value)."""
     if spec.kind == "if_body":
 
         def then() -> list[onnx.ValueInfoProto]:
@@ -370,7 +371,8 @@ def _emit_body(b: _Builder, spec: OpSpec, y: str) -> list[tuple[str, int]]:
     def body() -> list[onnx.ValueInfoProto]:
         r = b.ints("ReduceSum", "v", "axes", [-1], 13, keepdims=1)[0]
         sq = b.ints("Squeeze", b.ints("Unsqueeze", "v", "axes", [0], 13)[0], "axes", [0], 13)[0]
-        nxt = b.op("Add", [b.op("Mul", [sq, b.const(0.5)])[0], r])[0]
+        sm = b.op("Concat", b.op("Split", [b.op("Softmax", [sq], axis=1)[0]], 2, axis=2), axis=2)[0]
+        nxt = b.op("Add", [b.op("Mul", [sm, b.const(0.5)])[0], r])[0]
         return [
             helper.make_tensor_value_info("c", TensorProto.BOOL, []),
             helper.make_tensor_value_info(nxt, F32, SHAPE),

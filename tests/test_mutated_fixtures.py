@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from graph_builder import run_ort
 from onnx import numpy_helper
 
 import lnfuse
@@ -126,13 +126,6 @@ def _feed(m: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     return feed
 
 
-def _run(m: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
-
-
 def _differs(a: np.ndarray, b: np.ndarray) -> bool:
     if a.shape != b.shape or a.dtype.kind != "f":
         return a.shape != b.shape or not np.array_equal(a, b)
@@ -157,14 +150,14 @@ def search(seed: int, count: int) -> tuple[list[str], int]:
         try:
             onnx.checker.check_model(m, full_check=True)
             feed = _feed(m, k)
-            ref = _run(m, feed)
+            ref = run_ort(m, feed)
         except Exception:  # the mutant is not a valid model: nothing to compare
             continue
         for rms in (False, True):
             result = lnfuse.optimize(m, rmsnorm=rms)
             if result.changed:
                 compared += 1
-                if any(_differs(a, b) for a, b in zip(ref, _run(result.model, feed), strict=True)):
+                if any(_differs(a, b) for a, b in zip(ref, run_ort(result.model, feed), strict=True)):
                     bad.append(f"{Path(path).name}: {what} (rmsnorm={rms})")
     return bad, compared
 

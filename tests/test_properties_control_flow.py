@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from graph_builder import GraphBuilder, run_ort
 from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -71,34 +71,30 @@ specs = st.builds(
 )
 
 
-class _Builder:
-    """Nodes go into the graph being built (``self.nodes``); outer initializers into ``main_inits``."""
+class _Builder(GraphBuilder):
+    """Nodes go into the graph being built (``self.nodes``); the main graph's initializers are
+    ``self.inits``, the current body's ``self.body_inits``."""
 
     def __init__(self, spec: Spec) -> None:
+        super().__init__(spec.seed)
         self.spec = spec
-        self.rng = np.random.default_rng(spec.seed)
-        self.nodes: list[onnx.NodeProto] = []
         self.body_inits: list[onnx.TensorProto] = []
-        self.main_inits: list[onnx.TensorProto] = []
-        self.count = 0
         self.genuine = 0
 
     def name(self, base: str) -> str:
         self.count += 1
         return f"{base}{self.count}"
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: Any) -> list[str]:
-        name = self.name(f"n_{op_type}_")
-        outs = [f"{name}:{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
-        return outs
-
-    def const(self, value: Any, where: str = "outer", dtype: Any = np.float32) -> str:
+    def const_at(self, value: Any, where: str, dtype: Any = np.float32) -> str:
+        """``value`` where the draw puts parameters: ``outer`` (a main-graph initializer),
+        ``constant`` (a Constant node here) or ``body_init`` (an initializer of this body)."""
         arr = np.asarray(value, dtype=dtype)
         if where == "constant":
             return self.op("Constant", [], value=numpy_helper.from_array(arr))[0]
+        if where == "outer":
+            return self.const(arr, dtype)
         name = self.name("c")
-        (self.main_inits if where == "outer" else self.body_inits).append(numpy_helper.from_array(arr, name))
+        self.body_inits.append(numpy_helper.from_array(arr, name))
         return name
 
 
@@ -107,8 +103,8 @@ def _norm(b: _Builder, x: str, look: str | None) -> str:
     look-alike of it: for an RMSNorm ``mean_minus_x`` centres the numerator and ``var_of_x`` puts
     the variance in the denominator."""
     where, rms = b.spec.params, b.spec.kind == "rms"
-    gamma = b.const(1.0 + 0.2 * b.rng.standard_normal(H), where)
-    beta = b.const(0.1 * b.rng.standard_normal(H), where)
+    gamma = b.const_at(1.0 + 0.2 * b.rng.standard_normal(H), where)
+    beta = b.const_at(0.1 * b.rng.standard_normal(H), where)
     m = b.op("ReduceMean", [x], axes=[-1])[0]
     d = b.op("Sub", [m, x] if look == "mean_minus_x" else [x, m])[0]
     if rms:
@@ -118,7 +114,7 @@ def _norm(b: _Builder, x: str, look: str | None) -> str:
         sq = b.op("Mul", [x, x] if look == "var_of_x" else [d, d])[0]
         num = d
     v = b.op("ReduceMean", [sq], axes=[-1])[0]
-    n = b.op("Div", [num, b.op("Sqrt", [b.op("Add", [v, b.const(1e-5, where)])[0]])[0]])[0]
+    n = b.op("Div", [num, b.op("Sqrt", [b.op("Add", [v, b.const_at(1e-5, where)])[0]])[0]])[0]
     b.genuine += look is None
     scaled = b.op("Mul", [n, gamma])[0]
     return scaled if rms else b.op("Add", [scaled, beta])[0]
@@ -162,7 +158,7 @@ def _wrap(b: _Builder, wraps: tuple[str, ...], x: str, look: str | None, shape: 
         v = b.name("v")
 
         def step() -> list[onnx.ValueInfoProto]:
-            out = b.op("Mul", [_wrap(b, inner, v, look, shape), b.const(1.5, "outer")])[0]
+            out = b.op("Mul", [_wrap(b, inner, v, look, shape), b.const(1.5)])[0]
             return [
                 helper.make_tensor_value_info(b.op("Identity", ["lc"])[0], BOOL, []),
                 helper.make_tensor_value_info(out, F32, shape),
@@ -173,7 +169,7 @@ def _wrap(b: _Builder, wraps: tuple[str, ...], x: str, look: str | None, shape: 
             helper.make_tensor_value_info("lc", BOOL, []),
             helper.make_tensor_value_info(v, F32, shape),
         ]
-        trips, keep = b.const(2, "outer", np.int64), b.const(True, "outer", np.bool_)
+        trips, keep = b.const(2, np.int64), b.const(True, np.bool_)
         return b.op("Loop", [trips, keep, x], body=_body(b, step, ins, "body"))[0]
     row = b.name("row")
 
@@ -193,17 +189,10 @@ def build(spec: Spec) -> tuple[onnx.ModelProto, int]:
         "cf",
         [helper.make_tensor_value_info("x", F32, [S, H]), helper.make_tensor_value_info("cond", BOOL, [])],
         [helper.make_tensor_value_info(y, F32, [S, H])],
-        b.main_inits,
+        b.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     return model, b.genuine
-
-
-def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)[0]
 
 
 def check_properties(spec: Spec) -> None:
@@ -221,7 +210,7 @@ def check_properties(spec: Spec) -> None:
     x = (np.random.default_rng(spec.seed).standard_normal((S, H)) + 0.5).astype(np.float32)
     for cond in (True, False):
         feed = {"x": x, "cond": np.array(cond)}
-        a, c = _run(model, feed), _run(out, feed)
+        (a,), (c,) = run_ort(model, feed), run_ort(out, feed)
         assert float(np.max(np.abs(a - c))) <= 1e-4 * max(1.0, float(np.max(np.abs(a)))), text
     assert lnfuse.optimize(out, rmsnorm=spec.kind == "rms").changed is False
 

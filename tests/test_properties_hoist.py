@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from graph_builder import GraphBuilder, run_ort
 from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import lnfuse
 
@@ -76,24 +76,10 @@ specs = st.builds(
 )
 
 
-class _Builder:
+class _Builder(GraphBuilder):
     def __init__(self, spec: Spec) -> None:
+        super().__init__(spec.seed)
         self.spec = spec
-        self.rng = np.random.default_rng(spec.seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.count = 0
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: object) -> list[str]:
-        self.count += 1
-        outs = [f"t{self.count}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self.count}_{op_type}", **attrs))
-        return outs
-
-    def const(self, value: object, dtype: object = np.float32) -> str:
-        self.count += 1
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"c{self.count}"))
-        return f"c{self.count}"
 
     def random(self, *shape: int, scale: float = 0.5, loc: float = 0.0) -> str:
         return self.const(loc + scale * self.rng.standard_normal(shape))
@@ -188,13 +174,6 @@ def build(spec: Spec) -> tuple[onnx.ModelProto, int]:
     return model, (T if miss is None or (miss == "gap" and T == 2) else 0)
 
 
-def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
-
-
 def check_properties(spec: Spec) -> None:
     model, hoisted = build(spec)
     if currently_in_test_context():
@@ -211,7 +190,7 @@ def check_properties(spec: Spec) -> None:
         i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
         for i in model.graph.input
     }
-    for a, c in zip(_run(model, feed), _run(out, feed), strict=True):
+    for a, c in zip(run_ort(model, feed), run_ort(out, feed), strict=True):
         assert a.shape == c.shape
         assert float(np.max(np.abs(a - c))) <= 1e-4 * max(1.0, float(np.max(np.abs(a)))), text
     assert lnfuse.optimize(out).changed is False

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from graph_builder import GraphBuilder, run_ort
 from hypothesis import HealthCheck, currently_in_test_context, example, given, note, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import lnfuse
 from lnfuse import opset as opset_mod
@@ -126,24 +126,11 @@ specs = st.builds(
 )
 
 
-class _Builder:
+class _Builder(GraphBuilder):
     def __init__(self, opset: int) -> None:
+        super().__init__()
         self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
-        self.count = 0
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: Any) -> list[str]:
-        self.count += 1
-        outs = [f"t{self.count}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self.count}_{op_type}", **attrs))
-        return outs
-
-    def const(self, value: Any, dtype: Any = np.float32) -> str:
-        self.count += 1
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"c{self.count}"))
-        return f"c{self.count}"
 
     def ints(
         self, op_type: str, x: str, name: str, values: list[int] | None, since: int, **attrs: Any
@@ -409,14 +396,6 @@ def build(spec: Spec) -> onnx.ModelProto:
     return model
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})
-
-
 def check_properties(spec: Spec) -> None:
     model = build(spec)
     if currently_in_test_context():
@@ -437,7 +416,7 @@ def check_properties(spec: Spec) -> None:
     else:
         assert opset_mod.plan(model, want) is not None, f"nothing fused, though the raise is exact\n{text}"
     x = (np.random.default_rng(spec.seed).standard_normal(SHAPE) + 0.5).astype(np.float32)
-    for k, (a, c) in enumerate(zip(_run(model, x), _run(out, x), strict=True)):
+    for k, (a, c) in enumerate(zip(run_ort(model, {"x": x}), run_ort(out, {"x": x}), strict=True)):
         assert a.shape == c.shape and a.dtype == c.dtype, (
             f"output {k}: {c.shape} {c.dtype} != {a.shape} {a.dtype}"
         )

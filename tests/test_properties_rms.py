@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from graph_builder import GraphBuilder, run_ort
 from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -168,41 +168,35 @@ class Built:
     dtypes: set[int] = field(default_factory=set)
 
 
-class _Builder:
-    """Writes one Spec as a model; ``op``/``const`` record each node under its block."""
+class _Builder(GraphBuilder):
+    """Writes one Spec as a model; ``node`` records each node's name (the look-alikes' nodes)."""
 
     def __init__(self, spec: Spec) -> None:
+        super().__init__(spec.seed)
         self.spec = spec
-        self.rng = np.random.default_rng(spec.seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
         self.extra: list[onnx.ValueInfoProto] = []
         self.names: list[str] = []
-        self.count = 0
 
-    def op(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
-        self.count += 1
-        name = f"n{self.count}_{op_type}"
-        self.nodes.append(helper.make_node(op_type, inputs, [f"{name}:0"], name=name, **attrs))
-        self.names.append(name)
-        return f"{name}:0"
+    def node(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
+        out = self.op(op_type, inputs, **attrs)[0]
+        self.names.append(self.nodes[-1].name)
+        return out
 
-    def const(self, value: Any, dtype: int, form: str) -> str:
+    def value(self, value: Any, dtype: int, form: str) -> str:
+        """A constant in the chain's ``dtype``: a Constant node (``form="node"``) or an initializer."""
         arr = np.asarray(value, dtype=_NP[dtype])
         if form == "node":
-            return self.op("Constant", [], value=numpy_helper.from_array(arr))
-        self.count += 1
-        self.inits.append(numpy_helper.from_array(arr, f"c{self.count}"))
-        return f"c{self.count}"
+            return self.node("Constant", [], value=numpy_helper.from_array(arr))
+        return self.const(arr, arr.dtype)
 
     def pair(self, op_type: str, a: str, b: str, swap: bool) -> str:
-        return self.op(op_type, [b, a] if swap else [a, b])
+        return self.node(op_type, [b, a] if swap else [a, b])
 
     def reduce(self, op_type: str, x: str, axes: list[int], form: str) -> str:
         since = 18 if op_type == "ReduceMean" else 13
         if self.spec.opset < since:
-            return self.op(op_type, [x], axes=axes, keepdims=1)
-        return self.op(op_type, [x, self.const(axes, TensorProto.INT64, form)], keepdims=1)
+            return self.node(op_type, [x], axes=axes, keepdims=1)
+        return self.node(op_type, [x, self.value(axes, TensorProto.INT64, form)], keepdims=1)
 
 
 def _norm_count(spec: Spec, axes: list[int]) -> int:
@@ -224,63 +218,63 @@ def _statistic(bd: _Builder, b: RMSBlock, x: str, cdt: int) -> str:
     n = _norm_count(bd.spec, axes)
     if b.mutation == "square_of_mean":
         m = bd.reduce("ReduceMean", x, axes, form)
-        return bd.op("Mul", [m, m])
+        return bd.node("Mul", [m, m])
     if b.mutation == "std_denominator":
         d = bd.pair("Sub", x, bd.reduce("ReduceMean", x, axes, form), False)
         x = d
     if b.mutation == "fourth_power":
-        sq = bd.op("Pow", [x, bd.const(4.0, cdt, form)])
+        sq = bd.node("Pow", [x, bd.value(4.0, cdt, form)])
     elif b.square == "pow":
-        sq = bd.op("Pow", [x, bd.const(2.0, cdt, form)])
+        sq = bd.node("Pow", [x, bd.value(2.0, cdt, form)])
     else:
-        sq = bd.op("Mul", [x, x])
+        sq = bd.node("Mul", [x, x])
     if b.mean == "mean" and b.mutation != "sum_not_mean":
         return bd.reduce("ReduceMean", sq, axes, form)
     total = bd.reduce("ReduceSum", sq, axes, form)
     if b.mutation == "sum_not_mean":
         return total
     if b.mean == "sum_mul":
-        return bd.pair("Mul", total, bd.const(1.0 / n, cdt, form), s[0])
-    return bd.op("Div", [total, bd.const(float(n), cdt, form)])
+        return bd.pair("Mul", total, bd.value(1.0 / n, cdt, form), s[0])
+    return bd.node("Div", [total, bd.value(float(n), cdt, form)])
 
 
 def _normalized(bd: _Builder, b: RMSBlock, x: str, ms: str, cdt: int, num: str) -> tuple[str, str]:
     """(x / sqrt(ms + eps) as drawn, the tensor made an extra graph output by that mutation)."""
     form, s = b.const_form, b.swaps
-    eps = bd.const(b.eps, cdt, form)
+    eps = bd.value(b.eps, cdt, form)
     if b.mutation == "eps_outside_sqrt":
-        den = bd.pair("Add", bd.op("Sqrt", [ms]), eps, s[1])
-        return bd.op("Div", [num, den]), den
+        den = bd.pair("Add", bd.node("Sqrt", [ms]), eps, s[1])
+        return bd.node("Div", [num, den]), den
     v = bd.pair("Add", ms, eps, s[1])
     if b.mutation == "quarter_power":
-        return bd.pair("Mul", num, bd.op("Pow", [v, bd.const(-0.25, cdt, form)]), s[2]), v
+        return bd.pair("Mul", num, bd.node("Pow", [v, bd.value(-0.25, cdt, form)]), s[2]), v
     if b.denom == "sqrt_div":
-        return bd.op("Div", [num, bd.op("Sqrt", [v])]), v
+        return bd.node("Div", [num, bd.node("Sqrt", [v])]), v
     if b.denom == "pow_half_div":
-        return bd.op("Div", [num, bd.op("Pow", [v, bd.const(0.5, cdt, form)])]), v
+        return bd.node("Div", [num, bd.node("Pow", [v, bd.value(0.5, cdt, form)])]), v
     if b.denom == "sqrt_recip_mul":
-        r = bd.op("Reciprocal", [bd.op("Sqrt", [v])])
+        r = bd.node("Reciprocal", [bd.node("Sqrt", [v])])
     elif b.denom == "pow_neg_half_mul":
-        r = bd.op("Pow", [v, bd.const(-0.5, cdt, form)])
+        r = bd.node("Pow", [v, bd.value(-0.5, cdt, form)])
     else:
-        r = bd.op("Div", [bd.const(1.0, cdt, form), bd.op("Sqrt", [v])])
+        r = bd.node("Div", [bd.value(1.0, cdt, form), bd.node("Sqrt", [v])])
     return bd.pair("Mul", num, r, s[2]), v
 
 
 def _rms_block(bd: _Builder, b: RMSBlock, x: str, dt: int) -> str:
     cdt = F32 if b.island else dt
     if b.island:
-        x = bd.op("Cast", [x], to=F32)
+        x = bd.node("Cast", [x], to=F32)
     gdt = dt if b.island == "after_cast" and b.gamma != "numerator" else cdt
     gamma = None
     if b.gamma != "none":
         values = 1.0 + 0.3 * bd.rng.standard_normal(_gamma_shape(bd.spec, b))
-        gamma = bd.const(values, gdt, "init" if b.const_form == "init" else "node")
+        gamma = bd.value(values, gdt, "init" if b.const_form == "init" else "node")
     num = x
     if b.mutation == "centred":
         num = bd.pair("Sub", x, bd.reduce("ReduceMean", x, AXES[b.axes], b.const_form), False)
     elif b.mutation == "other_numerator":
-        shift = bd.const(0.1 + 0.2 * bd.rng.standard_normal(bd.spec.hidden), cdt, "init")
+        shift = bd.value(0.1 + 0.2 * bd.rng.standard_normal(bd.spec.hidden), cdt, "init")
         num = bd.pair("Add", x, shift, b.swaps[3])
     if gamma is not None and b.gamma == "numerator":
         num = bd.pair("Mul", num, gamma, b.swaps[3])
@@ -290,7 +284,7 @@ def _rms_block(bd: _Builder, b: RMSBlock, x: str, dt: int) -> str:
     if gamma is not None and b.gamma != "numerator" and b.island != "after_cast":
         y = bd.pair("Mul", y, gamma, b.swaps[3])
     if b.island:
-        y = bd.op("Cast", [y], to=dt)
+        y = bd.node("Cast", [y], to=dt)
     if gamma is not None and b.gamma != "numerator" and b.island == "after_cast":
         y = bd.pair("Mul", y, gamma, b.swaps[3])
     return y
@@ -298,20 +292,21 @@ def _rms_block(bd: _Builder, b: RMSBlock, x: str, dt: int) -> str:
 
 def _unrelated(bd: _Builder, kind: str, x: str, dt: int) -> str:
     if kind == "relu":
-        return bd.op("Relu", [x])
+        return bd.node("Relu", [x])
     if kind == "add_const":
-        return bd.op("Add", [x, bd.const(0.1 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")])
+        return bd.node("Add", [x, bd.value(0.1 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")])
     if kind == "layernorm":
-        d = bd.op("Sub", [x, bd.reduce("ReduceMean", x, [-1], "init")])
-        sq = bd.op("Pow", [d, bd.const(2.0, dt, "init")])
-        v = bd.op("Add", [bd.reduce("ReduceMean", sq, [-1], "init"), bd.const(1e-5, dt, "init")])
-        n = bd.op("Div", [d, bd.op("Sqrt", [v])])
-        g = bd.const(1.0 + 0.2 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")
-        return bd.op(
-            "Add", [bd.op("Mul", [n, g]), bd.const(0.1 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")]
+        d = bd.node("Sub", [x, bd.reduce("ReduceMean", x, [-1], "init")])
+        sq = bd.node("Pow", [d, bd.value(2.0, dt, "init")])
+        v = bd.node("Add", [bd.reduce("ReduceMean", sq, [-1], "init"), bd.value(1e-5, dt, "init")])
+        n = bd.node("Div", [d, bd.node("Sqrt", [v])])
+        g = bd.value(1.0 + 0.2 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")
+        return bd.node(
+            "Add",
+            [bd.node("Mul", [n, g]), bd.value(0.1 * bd.rng.standard_normal(bd.spec.hidden), dt, "init")],
         )
     w = np.eye(bd.spec.hidden) + 0.1 * bd.rng.standard_normal((bd.spec.hidden, bd.spec.hidden))
-    return bd.op("MatMul", [x, bd.const(w, dt, "init")])
+    return bd.node("MatMul", [x, bd.value(w, dt, "init")])
 
 
 def build(spec: Spec) -> Built:
@@ -358,15 +353,6 @@ def _tolerance(built: Built) -> float:
     return 1e-4 if F32 in built.dtypes else 1e-8
 
 
-def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
-
-
 def _mismatch(ref: list[np.ndarray], got: list[np.ndarray], rtol: float) -> str:
     """'' when every output agrees (non-finite where the original is; within ``rtol`` elsewhere)."""
     for k, (a, b) in enumerate(zip(ref, got, strict=True)):
@@ -405,7 +391,7 @@ def check_properties(spec: Spec) -> None:
     batch = spec.batch if isinstance(spec.batch, int) else 2
     x = np.random.default_rng(spec.seed ^ 0x5EED).standard_normal((batch, spec.seq, spec.hidden)) + 0.5
     feed = {"x": x.astype(_NP[spec.dtype])}
-    problem = _mismatch(_run(built.model, feed), _run(out, feed), _tolerance(built))
+    problem = _mismatch(run_ort(built.model, feed), run_ort(out, feed), _tolerance(built))
     assert not problem, f"{problem}\n{explain}"
     assert lnfuse.optimize(out, rmsnorm=True).changed is False
 

@@ -134,10 +134,11 @@ def variance_flags(kind: NormKind, cand: Candidate, n: int, xdt: int) -> frozens
     through is exact: the scale carries ``k ** -0.5`` and the epsilon is ``eps / k``."""
     k = cand.form.edef.k
     tol = _FACTOR_TOLERANCE.get(xdt, 1e-6)
+    unbiased = abs(k - n / (n - 1)) if n > 1 and kind is NormKind.LN else float("inf")
+    if unbiased <= tol * k and unbiased < abs(k - 1.0):  # the nearer of the two (fp16, N > 1024)
+        return frozenset({Flag.UNBIASED})
     if abs(k - 1.0) <= tol:
         return frozenset()
-    if n > 1 and abs(k - n / (n - 1)) <= tol * k and kind is NormKind.LN:
-        return frozenset({Flag.UNBIASED})
     if Flag.REDUCE_SUM in cand.flags:
         return f"variance is a sum over {n} elements, not a mean (ReduceSum instead of ReduceMean?)"
     return f"variance is scaled by {k:.6g}: neither a mean nor an unbiased estimate"

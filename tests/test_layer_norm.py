@@ -343,3 +343,40 @@ def test_fp16_sum_times_rounded_reciprocal_is_a_mean() -> None:
     off = lnfuse.optimize(_rms_model(TP.FLOAT16, "0.21", 1e-5), rmsnorm=True)
     assert not off.changed
     assert any("not a mean" in r.reason for r in off.report.refusals), off.report.render_text(explain=True)
+
+
+def test_fp16_unbiased_factor_is_told_from_a_mean_over_many_elements() -> None:
+    """Over 2048 elements N/(N-1) stored in fp16 is 1 + 2**-10, as near to 1 as fp16's tolerance
+    for a mean allows: the nearer of the two (here the unbiased factor) names the variance."""
+    from onnx import helper, numpy_helper
+
+    n = 2048
+    inits = [
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(n / (n - 1), np.float16), "unbias"),
+        numpy_helper.from_array(np.array(1e-5, np.float16), "eps"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"]),
+        helper.make_node("Sub", ["x", "m"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["v"]),
+        helper.make_node("Mul", ["v", "unbias"], ["vu"]),
+        helper.make_node("Add", ["vu", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["s"]),
+        helper.make_node("Div", ["d", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unbiased",
+        [helper.make_tensor_value_info("x", TP.FLOAT16, [1, 2, n])],
+        [helper.make_tensor_value_info("y", TP.FLOAT16, [1, 2, n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    result = lnfuse.optimize(model)
+    (match,) = result.report.matches
+    assert "unbiased" in match.flags and match.pattern == "unbiased-variance"
+    x = np.random.default_rng(2).standard_normal((1, 2, n)).astype(np.float16)
+    (ref,), (got,) = run(model, {"x": x}), run(result.model, {"x": x})
+    assert_close(ref, got, RTOL[TP.FLOAT16])

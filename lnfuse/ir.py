@@ -203,9 +203,8 @@ class Source:
         self.attrs: dict[tuple[bytes, ...], dict[str, object]] = {}
 
     def decode(self, proto: onnx.NodeProto) -> dict[str, object]:
-        """``proto``'s attributes; small plain ones (numbers, strings, their lists) shared."""
-        if not len(proto.attribute):
-            return _NO_ATTRS
+        """``proto``'s attributes (it has some: an imported node without any is given ``_NO_ATTRS``
+        at import); small plain ones (numbers, strings, their lists) shared."""
         if not all(a.type in _SHAREABLE for a in proto.attribute):
             return _decoded(proto)
         key = tuple(a.SerializeToString() for a in proto.attribute)

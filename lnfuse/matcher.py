@@ -920,11 +920,10 @@ class Walker:
                     if leak:
                         break
                     continue
-                if outside or is_output:
-                    kind = self._side_kind(values.get(id(out)), form, ctx)
-                    if kind:
-                        side[id(out)] = (kind, out)
-                        continue
+                kind = self._side_kind(values.get(id(out)), form, ctx)  # read outside, or an output
+                if kind:
+                    side[id(out)] = (kind, out)
+                    continue
                 if is_output:
                     leak = f"intermediate '{out.name}' is a graph output"
                     break

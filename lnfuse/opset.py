@@ -33,6 +33,7 @@ The IR version is raised to the minimum the new opset needs, never lowered.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import onnx
 from onnx import defs, helper
@@ -184,22 +185,36 @@ def _rename_gridsample_mode(node: onnx.NodeProto, ctx: _Ctx) -> None:
 
 def _split_count(node: onnx.NodeProto, ctx: _Ctx) -> None:
     """Split-18 needs ``split`` sizes or ``num_outputs``: an equal split names its output count."""
-    if _equal_split(node):
-        node.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
+    node.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
 
 
 def _equal_split(node: onnx.NodeProto) -> bool:
     return (len(node.input) < 2 or not node.input[1]) and _attr(node, "split") is None
 
 
-# op -> the exact conversions it needs, each with the opset it is needed from (in that order).
-_CONVERT_AT: dict[str, tuple[tuple[int, Converter], ...]] = {
-    "GridSample": ((20, _rename_gridsample_mode),),
-    "ReduceSum": ((13, _move_ints_attr_to_input("axes", 1)),),
-    "Squeeze": ((13, _move_ints_attr_to_input("axes", 1)),),
-    "Unsqueeze": ((13, _move_ints_attr_to_input("axes", 1)),),
-    "Split": ((13, _move_ints_attr_to_input("split", 1)), (18, _split_count)),
-    "Dropout": ((12, _drop_attr("ratio")),),
+def _always(node: onnx.NodeProto) -> bool:
+    return True
+
+
+class _Conversion(NamedTuple):
+    """An exact conversion an op needs from opset ``since`` on, for the nodes it ``applies`` to."""
+
+    since: int
+    convert: Converter
+    applies: Callable[[onnx.NodeProto], bool] = _always
+
+
+# op -> the exact conversions it needs, in the order they apply.
+_CONVERT_AT: dict[str, tuple[_Conversion, ...]] = {
+    "GridSample": (_Conversion(20, _rename_gridsample_mode),),
+    "ReduceSum": (_Conversion(13, _move_ints_attr_to_input("axes", 1)),),
+    "Squeeze": (_Conversion(13, _move_ints_attr_to_input("axes", 1)),),
+    "Unsqueeze": (_Conversion(13, _move_ints_attr_to_input("axes", 1)),),
+    "Split": (
+        _Conversion(13, _move_ints_attr_to_input("split", 1)),
+        _Conversion(18, _split_count, _equal_split),
+    ),
+    "Dropout": (_Conversion(12, _drop_attr("ratio")),),
 }
 for _op in (
     "ReduceMean",
@@ -212,7 +227,7 @@ for _op in (
     "ReduceLogSumExp",
     "ReduceSumSquare",
 ):
-    _CONVERT_AT[_op] = ((18, _move_ints_attr_to_input("axes", 1)),)
+    _CONVERT_AT[_op] = (_Conversion(18, _move_ints_attr_to_input("axes", 1)),)
 
 
 def _condition(node: onnx.NodeProto, old: int, new_schema: int, ctx: _Ctx) -> str | None:
@@ -308,11 +323,8 @@ def _upgrade(
                 continue
             if op in _NEVER:
                 return f"{op} changes meaning between opset {from_v} and {target}"
-            steps = [
-                convert
-                for since, convert in _CONVERT_AT.get(op, ())
-                if a < since <= b and (convert is not _split_count or _equal_split(node))
-            ]
+            # Which apply is decided before any runs (an opset-11 Split's sizes only move at 13).
+            steps = [c.convert for c in _CONVERT_AT.get(op, ()) if a < c.since <= b and c.applies(node)]
             if steps:
                 if where != "graph":
                     return f"{op} in {where} needs a conversion that model-local functions do not support"

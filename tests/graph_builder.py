@@ -1,4 +1,5 @@
-"""What the property-based suites share: a builder of nodes and initializers, and a run on ONNX Runtime.
+"""What the property-based suites share: a builder of nodes and initializers, a seeded feed for a
+model's inputs, and a run on ONNX Runtime.
 
 Each suite keeps a generator of its own (what it builds and why); only these mechanics are common.
 """
@@ -46,3 +47,22 @@ def run_ort(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndar
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
+
+
+def random_feed(model: onnx.ModelProto, seed: int = 0, loc: float = 0.5) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input that is not an initializer: floats ``normal(loc, 1)``,
+    other types 0 or 1; a dim without a fixed size is 2."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feed = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        shape = [d.dim_value if d.dim_value > 0 else 2 for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype.kind == "f":
+            feed[i.name] = rng.normal(loc, 1.0, size=shape).astype(dtype)
+        else:
+            feed[i.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feed

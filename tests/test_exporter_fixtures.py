@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graph_builder import random_feed
 
 import lnfuse
 
@@ -132,20 +133,6 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _feed(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    inits = {i.name for i in model.graph.initializer}
-    feed = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feed[i.name] = rng.normal(0.2, 1.0, size=shape).astype(dtype)
-    return feed
-
-
 @pytest.mark.parametrize(("name", "n_ln", "n_rms"), CASES, ids=[c[0] for c in CASES])
 def test_exporter_fixture(name: str, n_ln: int, n_rms: int) -> None:
     path = ROOT / f"{name}.onnx"
@@ -184,7 +171,7 @@ def test_fused_fixture_runs_in_onnx_reference(name: str) -> None:
     if _opset(original) > onnx.defs.onnx_opset_version():
         pytest.skip("opset newer than the installed onnx")
     fused = lnfuse.optimize(original, rmsnorm=True).model
-    feed = _feed(original)
+    feed = random_feed(original, seed=0, loc=0.2)
     try:
         want = ReferenceEvaluator(original).run(None, feed)
     except Exception as err:  # the original itself does not run there: nothing to compare

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from graph_builder import run_ort
+from graph_builder import random_feed, run_ort
 from onnx import numpy_helper
 
 import lnfuse
@@ -109,23 +109,6 @@ def mutate(rng: random.Random, m: onnx.ModelProto) -> str | None:
     return f"attribute {a.name}"
 
 
-def _feed(m: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in m.graph.initializer}
-    feed = {}
-    for i in m.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        shape = [d.dim_value if d.dim_value > 0 else 2 for d in tt.shape.dim]
-        dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if dt.kind == "f":
-            feed[i.name] = (rng.standard_normal(shape) + 0.5).astype(dt)
-        else:
-            feed[i.name] = rng.random(shape) > 0.5 if dt.kind == "b" else rng.integers(0, 2, shape).astype(dt)
-    return feed
-
-
 def _differs(a: np.ndarray, b: np.ndarray) -> bool:
     if a.shape != b.shape or a.dtype.kind != "f":
         return a.shape != b.shape or not np.array_equal(a, b)
@@ -149,7 +132,7 @@ def search(seed: int, count: int) -> tuple[list[str], int]:
         what = mutate(rng, m)
         try:
             onnx.checker.check_model(m, full_check=True)
-            feed = _feed(m, k)
+            feed = random_feed(m, k)
             ref = run_ort(m, feed)
         except Exception:  # the mutant is not a valid model: nothing to compare
             continue

@@ -120,6 +120,8 @@ CASES = [
         0,
     ),  # gap: Where(constant row, 0, x - mean) and a float64 variance island: refused
     ("jax/jax_nnx_rmsnorm_fp16_opset23", 0, 1),
+    ("torch/torch_rmsnorm_noeps_opset17", 0, 1),  # x * rsqrt(mean(x**2)): epsilon 0
+    ("torch/torch_rmsnorm_fp16_sum_opset17", 0, 1),  # fp16 sum * 0.19995 and an eps fp16 makes 0
     ("jax/jax_nnx_rmsnorm_native_opset23", 0, 0),
     ("jax/jax_nnx_rmsnorm_opset18", 0, 1),
     ("jax/jax_nnx_rmsnorm_opset23", 0, 1),
